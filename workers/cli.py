@@ -1,0 +1,130 @@
+"""`captioner` commands. Each parses its flags and calls one module; heavy imports stay lazy so
+`--help` is instant and a TF process never imports torch it does not need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="captioner",
+    help="Streaming image captioning: Kafka in, S3 fetch, batched ViT-GPT2 replicas on Ray, captions out.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
+
+
+def _settings(config: Path | None, **overrides):
+    from workers.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config, **{k: v for k, v in overrides.items() if v})
+    except ConfigError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def caption(
+    inputs: Annotated[list[str], typer.Argument(help="image files, folders, or s3://bucket/prefix")],
+    config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="hub id, directory, s3:// prefix or tiny-random")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="torch or tf")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per generate call")] = 16,
+    beam_size: Annotated[Optional[int], typer.Option()] = None,
+    do_sample: Annotated[Optional[bool], typer.Option("--do-sample/--no-sample")] = None,
+    max_output_length: Annotated[Optional[int], typer.Option()] = None,
+    min_output_length: Annotated[Optional[int], typer.Option()] = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option()] = None,
+    n_return_sequences: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="results.jsonl or results.csv")] = None,
+) -> None:
+    """Caption images offline (the seed's own use): a table of image_name | caption."""
+    from workers import offline
+
+    generation = {
+        k: v
+        for k, v in dict(
+            beam_size=beam_size,
+            do_sample=do_sample,
+            max_output_length=max_output_length,
+            min_output_length=min_output_length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            n_return_sequences=n_return_sequences,
+            seed=seed,
+        ).items()
+        if v is not None
+    }
+    model_over = {k: v for k, v in dict(source=model, backend=backend).items() if v is not None}
+    settings = _settings(config, model=model_over, generation=generation)
+    offline.run(settings, inputs, batch_size=batch_size, output=output)
+
+
+@app.command()
+def bench(
+    mode: Annotated[str, typer.Option(help="model or pipeline")] = "model",
+    backend: Annotated[str, typer.Option(help="torch, tf, or both")] = "torch",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,4,16",
+    model: Annotated[str, typer.Option(help="full (random full-size) or tiny-random")] = "full",
+    rounds: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """Benchmarks that print ratios measured in one run (random weights, beam 2, 16 new tokens)."""
+    from workers import bench as bench_mod
+
+    bench_mod.main(mode=mode, backend=backend, batch_sizes=[int(b) for b in batch_sizes.split(",")],
+                   model=model, rounds=rounds)
+
+
+@app.command()
+def run(config: ConfigOpt = None) -> None:
+    """The long-running worker: consume requests, caption, publish; SIGTERM drains and commits."""
+    from workers import runner
+
+    raise typer.Exit(runner.run(_settings(config)))
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="default: the pretrained checkpoint if present, else tiny-random")] = None,
+) -> None:
+    """Embedded everything: upload the samples, submit requests, run the worker, print the results."""
+    from workers import runner
+
+    raise typer.Exit(runner.demo(_settings(config), model=model))
+
+
+@app.command()
+def submit(
+    inputs: Annotated[list[str], typer.Argument(help="s3://bucket/prefix or local image files")],
+    config: ConfigOpt = None,
+    topic: Annotated[Optional[str], typer.Option(help="default: kafka.input_topic")] = None,
+    bucket: Annotated[Optional[str], typer.Option(help="where local files are uploaded (default: first allow-listed)")] = None,
+) -> None:
+    """Produce one request per image (uploading local files first)."""
+    from workers import submit as submit_mod
+
+    settings = _settings(config)
+    count = submit_mod.submit(settings, inputs, topic=topic, bucket=bucket)
+    typer.echo(f"submitted {count} request(s)")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,261 @@
+"""The message contract: requests in, results and dead letters out (see README, "Message contract").
+
+Pure data and parsing: no Kafka, S3 or model calls. Every stage reports a failure by raising
+`Rejected(code, message)`; the pipeline turns it into a dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import posixpath
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import ValidationError
+
+from workers.config import LimitsConfig
+from workers.model.params import GenerationParams
+
+S3_SCHEME = "s3://"
+# A dead letter echoes at most this much of the original value.
+MAX_ECHO_BYTES = 64 * 1024
+
+
+class ErrorCode(StrEnum):
+    INVALID_MESSAGE = "invalid_message"
+    FORBIDDEN_REFERENCE = "forbidden_reference"
+    OBJECT_NOT_FOUND = "object_not_found"
+    ACCESS_DENIED = "access_denied"
+    OBJECT_TOO_LARGE = "object_too_large"
+    FETCH_FAILED = "fetch_failed"
+    INVALID_IMAGE = "invalid_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    INFERENCE_FAILED = "inference_failed"
+
+
+class Rejected(Exception):
+    """A request that cannot be captioned, with the stage's reason."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Source:
+    topic: str
+    partition: int
+    offset: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.key}"
+
+
+@dataclass
+class Request:
+    """One parsed request. `id` may repeat; `source` is what identifies it."""
+
+    id: str
+    image: str
+    params: GenerationParams
+    metadata: dict[str, Any] = field(default_factory=dict)
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    source: Source | None = None
+
+
+def parse_image_ref(uri: str, allowed_buckets: list[str]) -> ImageRef:
+    """`s3://bucket/key` → ImageRef, or Rejected(forbidden_reference)."""
+    if not isinstance(uri, str) or not uri.lower().startswith(S3_SCHEME):
+        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"only s3:// references are allowed, got {_short(uri)}")
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
+    if not bucket:
+        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"no bucket in {_short(uri)}")
+    if not key or key.endswith("/"):
+        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"no object key in {_short(uri)}")
+    if ".." in key.split("/") or posixpath.normpath("/" + key) != "/" + key.rstrip("/"):
+        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"key must not escape its prefix: {_short(uri)}")
+    if "*" not in allowed_buckets and bucket not in allowed_buckets:
+        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"bucket {bucket!r} is not allow-listed")
+    return ImageRef(bucket, key)
+
+
+def parse_request(
+    value: bytes | None,
+    *,
+    defaults: GenerationParams,
+    limits: LimitsConfig,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    source: Source | None = None,
+) -> Request:
+    """A Kafka value → Request, or Rejected(invalid_message) saying what is wrong.
+
+    The reference is not checked against the allow-list here (that is the fetch stage's job, so
+    the HTTP path and the Kafka path share it); only its type is.
+    """
+    if value is None:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "tombstone (null value) is not a request")
+    if len(value) > limits.max_message_bytes:
+        raise Rejected(
+            ErrorCode.INVALID_MESSAGE,
+            f"message of {len(value)} bytes exceeds limits.max_message_bytes ({limits.max_message_bytes})",
+        )
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "value is not UTF-8") from None
+    stripped = text.strip()
+    if not stripped:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "empty value")
+    if not stripped.startswith(("{", '"', "[")):
+        body: Any = stripped  # a bare reference
+    else:
+        try:
+            body = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise Rejected(ErrorCode.INVALID_MESSAGE, f"not valid JSON: {e.msg} at position {e.pos}") from None
+    return request_from_body(body, defaults=defaults, limits=limits, key=key, headers=headers, source=source)
+
+
+def request_from_body(
+    body: Any,
+    *,
+    defaults: GenerationParams,
+    limits: LimitsConfig,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    source: Source | None = None,
+) -> Request:
+    """A decoded JSON body (object or bare string) → Request; shared with the HTTP ingress."""
+    if isinstance(body, str):
+        body = {"image": body}
+    if not isinstance(body, dict):
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"expected a JSON object or string, got {type(body).__name__}")
+    unknown = set(body) - {"id", "image", "params", "metadata"}
+    if unknown:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"unknown field(s): {', '.join(sorted(unknown))}")
+    image = body.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'image' is missing or not a non-empty string")
+    image = image.strip()
+    req_id = body.get("id", image)
+    if not isinstance(req_id, str):
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'id' must be a string")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'metadata' must be an object")
+    overrides = body.get("params") or {}
+    if not isinstance(overrides, dict):
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'params' must be an object")
+    params = resolve_params(defaults, overrides, limits)
+    return Request(
+        id=req_id,
+        image=image,
+        params=params,
+        metadata=metadata,
+        key=key,
+        headers=list(headers or []),
+        source=source,
+    )
+
+
+def resolve_params(defaults: GenerationParams, overrides: dict[str, Any], limits: LimitsConfig) -> GenerationParams:
+    """Defaults with a request's overrides, validated and capped, or Rejected(invalid_message)."""
+    try:
+        params = defaults.with_overrides(overrides)
+        limits.check_params(params)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in e.errors(include_url=False)
+        )
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"invalid params: {problems}") from None
+    except ValueError as e:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"invalid params: {e}") from None
+    return params
+
+
+def result_record(
+    request: Request,
+    *,
+    captions: list[str],
+    model: dict[str, Any],
+    cached: bool,
+    width: int,
+    height: int,
+    timings_ms: dict[str, float],
+    scores: list[float] | None = None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": request.id,
+        "image": request.image,
+        "caption": captions[0] if captions else "",
+        "model": model,
+        "params": request.params.model_dump(),
+        "metadata": request.metadata,
+        "cached": cached,
+        "source": request.source.as_dict() if request.source else None,
+        "width": width,
+        "height": height,
+        "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
+    }
+    if len(captions) > 1:
+        record["captions"] = captions
+    if scores is not None:
+        record["scores"] = scores
+    return record
+
+
+def dead_letter_record(
+    *,
+    code: ErrorCode,
+    message: str,
+    value: bytes | None,
+    source: Source | None,
+    attempts: int,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "error": {"code": str(code), "message": message},
+        "source": source.as_dict() if source else None,
+        "attempts": attempts,
+    }
+    if request_id is not None:
+        record["id"] = request_id
+    if value is None:
+        record["request"] = None
+        record["request_encoding"] = None
+    else:
+        echoed = value[:MAX_ECHO_BYTES]
+        try:
+            record["request"] = echoed.decode("utf-8")
+            record["request_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            record["request"] = base64.b64encode(echoed).decode("ascii")
+            record["request_encoding"] = "base64"
+        if len(value) > MAX_ECHO_BYTES:
+            record["request_truncated"] = True
+            record["request_bytes"] = len(value)
+    return record
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
