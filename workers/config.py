@@ -8,6 +8,7 @@ what is wrong (`ConfigError`), never later in the hot path.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,7 +153,10 @@ class WorkerConfig(_Section):
     resume_below: int | None = Field(None, ge=0, description="resume under this (default half)")
     fetch_concurrency: int = Field(16, ge=1)
     cache_size: int = Field(1024, ge=0, description="LRU entries; 0 disables the caption cache")
-    drain_timeout_s: float = Field(60.0, gt=0)
+    drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: wait this long for open records")
+    revoke_grace_s: float = Field(10.0, ge=0, description="rebalance: wait this long for revoked records")
+    inference_attempts: int = Field(2, ge=1, description="tries per image when a replica call fails")
+    produce_attempts: int = Field(3, ge=1, description="sends per outcome before the worker gives up")
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> WorkerConfig:
@@ -267,9 +271,21 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # YAML values arrive as init kwargs (see load_settings); the environment must beat the
-        # file, so init kwargs rank below env here.
-        return (env_settings, init_settings)
+        # Highest first: code/CLI overrides, the environment, the YAML file (see load_settings).
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+
+_yaml_data: ContextVar[dict[str, Any]] = ContextVar("captioner_yaml_data", default={})
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """The YAML file's values, ranked below the environment."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get())
 
 
 class ConfigError(ValueError):
@@ -304,21 +320,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if not isinstance(loaded, dict):
             raise ConfigError(source, [{"loc": (), "input": loaded, "msg": "top level must be a mapping"}])
         data = loaded
+    token = _yaml_data.set(data)
     try:
-        settings = Settings(**data)
-        if overrides:
-            # model_validate skips the env sources, so flags beat the environment.
-            merged = settings.model_dump()
-            _deep_update(merged, overrides)
-            settings = Settings.model_validate(merged)
-        return settings
+        return Settings(**overrides)
     except ValidationError as e:
         raise ConfigError(source, e.errors(include_url=False)) from None
+    finally:
+        _yaml_data.reset(token)
 
-
-def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v

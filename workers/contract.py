@@ -38,10 +38,11 @@ class ErrorCode(StrEnum):
 class Rejected(Exception):
     """A request that cannot be captioned, with the stage's reason."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, *, attempts: int = 1):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.attempts = attempts  # tries the stage made before giving up
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,12 @@ def request_from_body(
     req_id = body.get("id", image)
     if not isinstance(req_id, str):
         raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'id' must be a string")
-    metadata = body.get("metadata") or {}
+    metadata = body.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'metadata' must be an object")
-    overrides = body.get("params") or {}
+    overrides = body.get("params")
+    overrides = {} if overrides is None else overrides
     if not isinstance(overrides, dict):
         raise Rejected(ErrorCode.INVALID_MESSAGE, "field 'params' must be an object")
     params = resolve_params(defaults, overrides, limits)

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from workers.config import S3Config
+from workers.config import LimitsConfig, S3Config
+from workers.contract import ErrorCode, ImageRef, Rejected, parse_image_ref
+
+log = logging.getLogger(__name__)
 
 
 def make_s3_client(cfg: S3Config) -> Any:
@@ -29,6 +47,194 @@ def make_s3_client(cfg: S3Config) -> Any:
             read_timeout=cfg.read_timeout_s,
             max_pool_connections=cfg.max_pool_connections,
             # Our own retry loop classifies errors; botocore's would hide 5xx counts from it.
-            retries={"max_attempts": 1, "mode": "standard"},
+            # (total_max_attempts counts the first try; botocore's max_attempts counts retries only.)
+            retries={"total_max_attempts": 1, "mode": "standard"},
         ),
     )
+
+
+# --- the fetch stage --------------------------------------------------------------------------
+
+# S3 error codes, grouped by what we do about them.
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+# NoSuchBucket is object_not_found: the bucket already passed the allow-list, so a missing one
+# means the object is not there (a typo'd or deleted bucket), not that we lack permission. A
+# server that hides buckets from us answers 403 instead, which is access_denied.
+_NO_BUCKET_CODES = {"NoSuchBucket"}
+_DENIED_CODES = {
+    "403",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
+}
+_RETRYABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "PreconditionFailed",  # the object changed between our HEAD and GET: read it again
+    "429",
+    "412",
+}
+_MAX_BACKOFF_S = 10.0
+# Anything that looks like a signature or credential in a message is cut out (belt and braces:
+# we build messages from codes, but exception texts are included for transport errors).
+_CREDENTIAL_PATTERNS = re.compile(
+    r"(X-Amz-(Credential|Signature|Security-Token)=)[^&\s'\"]+|(Credential=)[^,\s'\"]+|(Signature=)[0-9a-fA-F]+",
+)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    ref: ImageRef
+    data: bytes
+    etag: str | None
+    attempts: int
+    elapsed_ms: float
+
+
+class _Retryable(Exception):
+    """A transient failure: try again if attempts remain, else fetch_failed with this reason."""
+
+
+class Fetcher:
+    """S3 reference → bytes, or Rejected with the contract's error code.
+
+    Thread-safe: boto3 clients are, and the only other shared state (the jitter RNG) is locked.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        s3_cfg: S3Config,
+        limits: LimitsConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+    ):
+        self.client = client
+        self.cfg = s3_cfg
+        self.limits = limits
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._secrets = _client_secrets(client)
+
+    def fetch(self, uri: str) -> Fetched:
+        ref = parse_image_ref(uri, self.cfg.allowed_buckets)
+        started = time.monotonic()
+        last_reason = "no attempt made"
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            try:
+                data, etag = self._fetch_once(ref)
+            except _Retryable as e:
+                last_reason = self._redact(str(e))
+                log.debug("fetch %s attempt %d/%d failed: %s", ref.uri, attempt, self.cfg.max_attempts, last_reason)
+                if attempt < self.cfg.max_attempts:
+                    self._sleep(self._backoff_s(attempt))
+                continue
+            return Fetched(ref, data, etag, attempt, (time.monotonic() - started) * 1000)
+        raise Rejected(
+            ErrorCode.FETCH_FAILED,
+            f"{ref.uri}: gave up after {self.cfg.max_attempts} attempt(s); last error: {last_reason}",
+            attempts=self.cfg.max_attempts,
+        )
+
+    def _fetch_once(self, ref: ImageRef) -> tuple[bytes, str | None]:
+        limit = self.limits.max_object_bytes
+        # HEAD first: an oversized object is refused without transferring its body.
+        head = self._call(ref, self.client.head_object, Bucket=ref.bucket, Key=ref.key)
+        size = int(head.get("ContentLength", 0))
+        if size > limit:
+            raise Rejected(
+                ErrorCode.OBJECT_TOO_LARGE,
+                f"{ref.uri} is {size} bytes, over limits.max_object_bytes ({limit})",
+            )
+        etag = head.get("ETag")
+        extra = {"IfMatch": etag} if etag else {}
+        response = self._call(ref, self.client.get_object, Bucket=ref.bucket, Key=ref.key, **extra)
+        body = response["Body"]
+        try:
+            # Read at most limit+1 bytes: the object may have grown since the HEAD.
+            data = _read_up_to(body, limit + 1)
+        except Exception as e:
+            raise _Retryable(f"reading body: {type(e).__name__}: {e}") from None
+        finally:
+            body.close()
+        if len(data) > limit:
+            raise Rejected(
+                ErrorCode.OBJECT_TOO_LARGE,
+                f"{ref.uri} grew past limits.max_object_bytes ({limit}) while being read",
+            )
+        expected = response.get("ContentLength")
+        if expected is not None and len(data) != int(expected):
+            raise _Retryable(f"body cut short: {len(data)} of {expected} bytes")
+        return data, response.get("ETag", etag)
+
+    def _call(self, ref: ImageRef, operation: Callable[..., Any], **kwargs: Any) -> Any:
+        """One S3 call; every failure becomes Rejected (final) or _Retryable."""
+        try:
+            return operation(**kwargs)
+        except ClientError as e:
+            raise self._classify(ref, e) from None
+        except NoCredentialsError:
+            raise Rejected(ErrorCode.ACCESS_DENIED, f"{ref.uri}: no S3 credentials configured") from None
+        except (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError) as e:
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
+
+    def _classify(self, ref: ImageRef, e: ClientError) -> Exception:
+        error = e.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        what = f"{code or 'HTTP'} (HTTP {status})"
+        if code in _NOT_FOUND_CODES or code in _NO_BUCKET_CODES or (status == 404 and not code):
+            return Rejected(ErrorCode.OBJECT_NOT_FOUND, f"{ref.uri} does not exist: {what}")
+        if code in _DENIED_CODES or status in (401, 403):
+            return Rejected(ErrorCode.ACCESS_DENIED, f"{ref.uri}: access denied: {what}")
+        if status >= 500 or code in _RETRYABLE_CODES or status in (408, 412, 429):
+            return _Retryable(what)
+        if 300 <= status < 400:
+            return Rejected(ErrorCode.FETCH_FAILED, f"{ref.uri}: redirect not followed: {what}")
+        return Rejected(ErrorCode.FETCH_FAILED, f"{ref.uri}: {what}")
+
+    def _backoff_s(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
+        base = min(self.cfg.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
+        with self._rng_lock:
+            return base / 2 + self._rng.uniform(0, base / 2)
+
+    def _redact(self, text: str) -> str:
+        text = _CREDENTIAL_PATTERNS.sub(lambda m: (m.group(1) or m.group(3) or m.group(4)) + "<redacted>", text)
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
+
+
+def _read_up_to(body: Any, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        chunk = body.read(min(remaining, 1024 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _client_secrets(client: Any) -> list[str]:
+    """The client's key strings, so no message can echo them (best effort: private API)."""
+    try:
+        creds = client._request_signer._credentials.get_frozen_credentials()
+    except Exception:
+        return []
+    return [s for s in (creds.access_key, creds.secret_key, creds.token) if s]

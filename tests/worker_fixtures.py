@@ -1,0 +1,143 @@
+"""Shared pieces for the streaming-worker tests: Ray, a deployed tiny replica app, settings, images."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kafka_helpers import kafka_config
+from workers.config import (
+    LimitsConfig,
+    MetricsConfig,
+    ModelConfig,
+    RayConfig,
+    ReplicasConfig,
+    Settings,
+    WorkerConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_TMP = Path(os.environ.get("CAPTIONER_TEST_RAY_TMP", REPO / ".tmp" / "ray"))
+MODEL_CACHE = REPO / ".tmp" / "models"
+BUCKET = "images"
+
+
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(source="tiny-random", cache_dir=MODEL_CACHE, torch_threads=1)
+
+
+def start_test_ray(num_gpus: int = 2) -> None:
+    """Ray for tests: loopback, a temp dir in the tree, fake GPUs for the pinning tests."""
+    from workers.runner import start_ray
+
+    RAY_TMP.mkdir(parents=True, exist_ok=True)
+    start_ray(RayConfig(num_cpus=4, num_gpus=num_gpus, temp_dir=RAY_TMP))
+
+
+@pytest.fixture(scope="session")
+def ray_serve(s3_server: Any) -> Iterator[None]:
+    """One Ray cluster + Serve (no HTTP proxy) for the whole run: a start costs ~6 s."""
+    import ray
+    from ray import serve
+
+    # Workers inherit the driver's environment: give them (and our fetchers) the S3 keys.
+    os.environ.update({k: v for k, v in s3_server.env().items() if k.startswith("AWS_")})
+    start_test_ray()
+    serve.start(proxy_location="Disabled")
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy_tiny_replicas(name: str, replicas: ReplicasConfig | None = None) -> Any:
+    from ray import serve
+
+    from workers.replicas import replica_app
+
+    replicas = replicas or ReplicasConfig(num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.05)
+    return serve.run(replica_app(tiny_model_config(), None, replicas), name=name, route_prefix=None)
+
+
+def worker_settings(bootstrap: str, s3_server: Any, **sections: Any) -> Settings:
+    values: dict[str, Any] = {
+        "model": tiny_model_config(),
+        "kafka": kafka_config(bootstrap, commit_interval_s=0.2, poll_timeout_ms=100),
+        "s3": s3_server.s3_config(allowed_buckets=[BUCKET, "private"], max_attempts=2, backoff_s=0.01),
+        "replicas": ReplicasConfig(num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.05),
+        "worker": WorkerConfig(max_in_flight=32, drain_timeout_s=30, revoke_grace_s=5),
+        "limits": LimitsConfig(max_object_bytes=2_000_000, max_image_pixels=4_000_000),
+        "metrics": MetricsConfig(port=0),
+    }
+    values.update(sections)
+    return Settings(**values)
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> bytes:
+    """A distinct small image per seed (distinct bytes, so the caption cache never answers)."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(arr.squeeze() if channels == 1 else arr, mode)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def flat_png(size: tuple[int, int]) -> bytes:
+    """A single-colour image: many pixels, few bytes (what a decompression bomb looks like)."""
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def upload(s3_server: Any, key: str, data: bytes, bucket: str = BUCKET) -> str:
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=data)
+    return f"s3://{bucket}/{key}"
+
+
+def request(image: str, **fields: Any) -> bytes:
+    return json.dumps({"image": image, **fields}).encode()
+
+
+def outcomes_by_offset(records: list[Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    """(partition, offset) of the request → its result or dead letter body."""
+    out = {}
+    for r in records:
+        body = json.loads(r.value)
+        out[(body["source"]["partition"], body["source"]["offset"])] = body
+    return out
+
+
+def collect_outcomes(kafka: Any, count: int, *, timeout: float = 60) -> tuple[list[Any], list[Any]]:
+    """Read results and dead letters (from the earliest offset) until `count` arrived in all."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from workers.embedded import wait_until
+
+    topics = (kafka.output_topic, kafka.dead_letter_topic)
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False,
+                             auto_offset_reset="earliest", group_id=None)
+    got: dict[str, list[Any]] = {t: [] for t in topics}
+    try:
+        wait_until(lambda: all(consumer.partitions_for_topic(t) for t in topics), timeout_s=30, what="topics")
+        consumer.assign([TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)])
+        consumer.seek_to_beginning()
+
+        def enough() -> bool:
+            for records in consumer.poll(timeout_ms=200).values():
+                for r in records:
+                    got[r.topic].append(r)
+            return sum(len(v) for v in got.values()) >= count
+
+        wait_until(enough, timeout_s=timeout, interval_s=0, what=f"{count} outcomes on {topics}")
+    finally:
+        consumer.close()
+    return got[kafka.output_topic], got[kafka.dead_letter_topic]

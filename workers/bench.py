@@ -1,0 +1,164 @@
+"""`captioner bench`: batched CaptionModel vs a naive one-image-at-a-time transformers pipeline.
+
+mode "model" builds the full-size ViT-GPT2 architecture from configs with random weights (the
+pretrained checkpoint cannot be assumed here), or uses tiny-random for a smoke run, and measures
+in ONE run, on the same machine and weights:
+- CaptionModel.caption at each batch size, from encoded image bytes (decode + resize included);
+- transformers' `pipeline("image-to-text")` called once per image file (its own decode and
+  preprocessing included), the way a naive script would caption a folder.
+Both generate with beam 2 and exactly 16 new tokens (min = max), so random weights cannot make
+one side stop early. Each batch size is warmed up once; figures are the median of `rounds`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from workers.config import TINY_RANDOM, ModelConfig
+from workers.model.params import GenerationParams
+
+SAMPLES = Path(__file__).parent / "samples"
+TARGET_RATIO = 2.5
+BENCH_PARAMS = GenerationParams(beam_size=2, max_output_length=16, min_output_length=16)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    backend: str
+    how: str
+    batch_size: int
+    images_per_s: float
+    latency_s: float  # median wall time of one call (a batch, or one image for the naive loop)
+
+
+def main(mode: str, backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
+    if mode == "pipeline":
+        try:
+            from workers.bench_pipeline import main as pipeline_main
+        except ImportError:
+            raise NotImplementedError("bench mode 'pipeline' lives in workers/bench_pipeline.py, not written yet") from None
+        return pipeline_main(backend=backend, batch_sizes=batch_sizes, model=model, rounds=rounds)
+    if mode != "model":
+        raise ValueError(f"unknown bench mode {mode!r}: use 'model' or 'pipeline'")
+    if backend not in ("torch", "tf", "both"):
+        raise ValueError(f"unknown backend {backend!r}: use torch, tf or both")
+    if model not in ("full", TINY_RANDOM):
+        raise ValueError(f"unknown bench model {model!r}: use 'full' or 'tiny-random'")
+    if any(b < 1 for b in batch_sizes) or not batch_sizes or rounds < 1:
+        raise ValueError("batch sizes and rounds must be positive")
+    backends = ["torch", "tf"] if backend == "both" else [backend]
+    if "tf" not in backends:
+        os.environ.setdefault("USE_TF", "0")  # keep TensorFlow out of a torch-only run
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
+        model_dir = _model_dir(model, Path(tmp), console)
+        _run(console, model_dir, model, backends, sorted(set(batch_sizes)), rounds)
+
+
+def _model_dir(model: str, tmp: Path, console: Console) -> Path:
+    from workers.model.loading import build_random_model, resolve_model_dir
+
+    if model == TINY_RANDOM:
+        return resolve_model_dir(ModelConfig(source=TINY_RANDOM)).path
+    start = time.perf_counter()
+    console.print("building the full-size ViT-GPT2 from configs with random weights ...")
+    path = build_random_model(tmp / "vit-gpt2-random", size="full", seed=0)
+    console.print(f"  built and saved in {time.perf_counter() - start:.1f} s ({path})")
+    return path
+
+
+def _run(console: Console, model_dir: Path, model: str, backends: list[str], batch_sizes: list[int], rounds: int) -> None:
+    import torch
+
+    from workers.images import prepare
+    from workers.model.core import load_model
+
+    files = sorted(SAMPLES.glob("*.jpg"))
+    encoded = [f.read_bytes() for f in files]
+    n_images = max(batch_sizes)
+    measurements: list[Measurement] = []
+    for name in backends:
+        try:
+            caption_model = load_model(ModelConfig(source=str(model_dir), backend=name), device="cpu")  # type: ignore[arg-type]
+        except Exception as e:
+            console.print(f"[red]backend {name}: cannot load ({type(e).__name__}: {e}); skipped[/red]")
+            continue
+        spec = caption_model.spec
+        params_count = sum(p.numel() for p in caption_model.backend.model.parameters()) if name == "torch" else None
+        if params_count:
+            console.print(f"{name}: {params_count / 1e6:.1f} M parameters, {torch.get_num_threads()} torch threads")
+        for batch_size in batch_sizes:
+            batch = [encoded[i % len(encoded)] for i in range(batch_size)]
+
+            def one_batch(batch: list[bytes] = batch) -> None:
+                pixels = np.stack([prepare(b, size=spec, max_pixels=100_000_000).pixels for b in batch])
+                caption_model.caption(pixels, BENCH_PARAMS)
+
+            seconds = _median_time(one_batch, rounds)
+            measurements.append(Measurement(name, "CaptionModel.caption", batch_size, batch_size / seconds, seconds))
+            console.print(f"  {name} batch {batch_size}: {batch_size / seconds:.2f} img/s")
+        del caption_model
+
+    naive = _naive_pipeline(model_dir, [files[i % len(files)] for i in range(n_images)], rounds)
+    measurements.append(naive)
+    _report(console, measurements, model, rounds)
+
+
+def _naive_pipeline(model_dir: Path, files: list[Path], rounds: int) -> Measurement:
+    """transformers' image-to-text pipeline, one image per call, same weights and settings."""
+    from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor, pipeline
+
+    captioner = pipeline(
+        "image-to-text",
+        model=VisionEncoderDecoderModel.from_pretrained(model_dir),
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        image_processor=ViTImageProcessor.from_pretrained(model_dir),
+        device="cpu",
+    )
+    kwargs = BENCH_PARAMS.generate_kwargs()
+    captioner(str(files[0]), generate_kwargs=kwargs)  # warm-up
+
+    def loop() -> None:
+        for f in files:
+            captioner(str(f), generate_kwargs=kwargs)
+
+    seconds = _median_time(loop, rounds, warm_up=False)
+    return Measurement("torch", "naive pipeline, 1 image/call", 1, len(files) / seconds, seconds / len(files))
+
+
+def _median_time(fn: Callable[[], None], rounds: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _report(console: Console, measurements: list[Measurement], model: str, rounds: int) -> None:
+    table = Table(title=f"bench mode=model model={model} beam 2, 16 new tokens, median of {rounds} round(s), CPU")
+    for column in ("backend", "how", "batch", "images/s", "latency s"):
+        table.add_column(column, justify="right" if column in ("batch", "images/s", "latency s") else "left")
+    for m in measurements:
+        table.add_row(m.backend, m.how, str(m.batch_size), f"{m.images_per_s:.2f}", f"{m.latency_s:.3f}")
+    console.print(table)
+    naive = next(m for m in measurements if m.how.startswith("naive"))
+    for name in dict.fromkeys(m.backend for m in measurements if not m.how.startswith("naive")):
+        largest = max((m for m in measurements if m.backend == name and not m.how.startswith("naive")), key=lambda m: m.batch_size)
+        ratio = largest.images_per_s / naive.images_per_s
+        verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
+        console.print(
+            f"{name}: batch {largest.batch_size} / naive pipeline = {ratio:.2f}× ({verdict} the {TARGET_RATIO}× target)"
+        )

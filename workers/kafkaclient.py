@@ -1,0 +1,138 @@
+"""kafka-python keyword arguments built from KafkaConfig, shared by consumer, producer and admin.
+
+One place decides security settings and size limits, so the three clients cannot drift apart.
+The SASL password is unwrapped from its SecretStr only here, into the kwargs; never log them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from workers.config import KafkaConfig, LimitsConfig
+from workers.contract import MAX_ECHO_BYTES
+
+log = logging.getLogger(__name__)
+
+# Room for the record batch, headers and key around a value of the maximum size.
+RECORD_OVERHEAD_BYTES = 64 * 1024
+KAFKA_PYTHON_DEFAULT_MAX_REQUEST = 1024 * 1024
+KAFKA_PYTHON_DEFAULT_FETCH_MAX = 50 * 1024 * 1024
+
+
+def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    """Connection and security kwargs valid for KafkaConsumer, KafkaProducer and KafkaAdminClient."""
+    if cfg.embedded:
+        raise ValueError("kafka.bootstrap_servers is 'embedded': start the embedded broker and resolve it first")
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()],
+        "client_id": cfg.client_id,
+        "security_protocol": cfg.security_protocol,
+    }
+    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_check_hostname"] = cfg.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(cfg, name)
+            if path is not None:
+                kwargs[name] = str(path)
+    if cfg.security_protocol.startswith("SASL"):
+        # The config validator guarantees all three are set for SASL protocols.
+        assert cfg.sasl_password is not None
+        kwargs["sasl_mechanism"] = cfg.sasl_mechanism
+        kwargs["sasl_plain_username"] = cfg.sasl_username
+        kwargs["sasl_plain_password"] = cfg.sasl_password.get_secret_value()
+    return kwargs
+
+
+def redacted(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """kwargs safe to log: secrets replaced."""
+    return {k: ("<secret>" if "password" in k and v is not None else v) for k, v in kwargs.items()}
+
+
+def consumer_kwargs(cfg: KafkaConfig, limits: LimitsConfig) -> dict[str, Any]:
+    """A group member that commits by hand and starts at earliest (CONTRACT-NOTES: no skipped requests).
+
+    Fetch sizes sit above limits.max_message_bytes: kafka-python's 1 MB per-partition default
+    would otherwise hold back requests the contract says must be read (and too-big ones must
+    still be read, to be dead-lettered).
+    """
+    partition_fetch = limits.max_message_bytes + RECORD_OVERHEAD_BYTES
+    return {
+        **client_kwargs(cfg),
+        "group_id": cfg.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": max(partition_fetch, 1024 * 1024),
+        "fetch_max_bytes": max(KAFKA_PYTHON_DEFAULT_FETCH_MAX, 2 * partition_fetch),
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+        "max_poll_interval_ms": cfg.max_poll_interval_ms,
+    }
+
+
+def producer_kwargs(cfg: KafkaConfig, limits: LimitsConfig) -> dict[str, Any]:
+    """acks=all + idempotence: an acknowledged outcome is on the broker, retries do not duplicate.
+
+    max_request_size covers the biggest record we produce: a request of max_message_bytes
+    (submit) or a dead letter echoing MAX_ECHO_BYTES base64-encoded, plus overhead.
+    """
+    biggest_record = max(limits.max_message_bytes, MAX_ECHO_BYTES * 4 // 3 + 4096) + RECORD_OVERHEAD_BYTES
+    return {
+        **client_kwargs(cfg),
+        "acks": "all",
+        "enable_idempotence": True,
+        "max_request_size": max(KAFKA_PYTHON_DEFAULT_MAX_REQUEST, biggest_record),
+        # Small linger: a burst of results shares a request without adding visible latency.
+        "linger_ms": 5,
+    }
+
+
+def ensure_topics(
+    cfg: KafkaConfig,
+    topics: Iterable[str],
+    *,
+    partitions: int = 1,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist (idempotent) and wait until metadata lists them all.
+
+    Returns the names this call created. An existing topic is left as it is, whatever its
+    partition count (Tansu cannot add partitions anyway).
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError, for_code
+
+    wanted = list(dict.fromkeys(topics))
+    admin = KafkaAdminClient(**client_kwargs(cfg), request_timeout_ms=int(timeout_s * 1000))
+    created: list[str] = []
+    try:
+        listed = set(admin.list_topics())
+        missing = [t for t in wanted if t not in listed]
+        if missing:
+            response = admin.create_topics(
+                {t: {"num_partitions": partitions, "replication_factor": replication_factor} for t in missing},
+                raise_errors=False,
+            )
+            for topic in response["topics"]:
+                error = for_code(topic["error_code"])
+                if topic["error_code"] == 0:
+                    created.append(topic["name"])
+                elif error is not TopicAlreadyExistsError:  # a concurrent creator won: fine
+                    raise error(f"creating topic {topic['name']!r}: {topic.get('error_message')}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            listed = set(admin.list_topics())
+            absent = [t for t in wanted if t not in listed]
+            if not absent:
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"topics {absent} not in broker metadata after {timeout_s:.0f} s")
+            time.sleep(0.05)
+    finally:
+        admin.close()
+    if created:
+        log.info("created topic(s) %s with %d partition(s)", created, partitions)
+    return created

@@ -1,0 +1,183 @@
+"""Model replicas: a Ray Serve deployment holding one CaptionModel each, batching with @serve.batch.
+
+Semantics (see ray/serve/batching.py): concurrent `caption` calls on one replica are queued and
+handed to `_caption_batch` as one list once `max_batch_size` calls are waiting or
+`batch_wait_timeout_s` has passed since the first. `max_ongoing_requests` must be at least the
+batch size or batches can never fill (we default it to twice the batch size, so the next batch
+queues while one generates). Requests in one batch with different params are run as one
+`generate` call per distinct params: the model core is batch-invariant, so grouping does not
+change a caption.
+
+The device comes from the GPUs Ray assigned to the actor (`ray.get_gpu_ids()`; Ray also sets
+CUDA_VISIBLE_DEVICES for it), else the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from workers.config import ModelConfig, ReplicasConfig, S3Config
+from workers.model.params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "CaptionReplica"
+
+
+@dataclass(frozen=True)
+class ReplicaAnswer:
+    """What a replica returns per image: plain data, cheap to serialise."""
+
+    captions: list[str]
+    scores: list[float] | None
+    batch_size: int
+    inference_ms: float
+    error: str | None = None  # why this image's group failed; raised to its caller alone
+
+
+class InferenceError(RuntimeError):
+    """generate failed for this request's params group."""
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+class CaptionReplica:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        s3: dict[str, Any] | None,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+    ) -> None:
+        import ray
+
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.model_cfg = ModelConfig(**model)
+        device = self.model_cfg.device
+        if device == "auto":
+            device = "cuda" if self.gpu_ids and _cuda_available() else "cpu"
+        self.device = device
+        self.model: Any = None
+        self.load_error: BaseException | None = None
+        self._loaded = threading.Event()
+        self._caption_batch.set_max_batch_size(max_batch_size)
+        self._caption_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+        # Load off the constructor so the replica answers health and readiness checks while a
+        # large checkpoint is still being read: /readyz says "not yet" instead of timing out.
+        threading.Thread(target=self._load, args=(s3,), name="model-load", daemon=True).start()
+
+    def _load(self, s3: dict[str, Any] | None) -> None:
+        from workers.model import load_model
+
+        try:
+            self.model = load_model(self.model_cfg, S3Config(**s3) if s3 else None, device=self.device)
+            log.info("replica ready: model=%s device=%s gpus=%s", self.model_cfg.source, self.device, self.gpu_ids)
+        except BaseException as e:  # surfaced by check_health, which makes Serve replace us
+            self.load_error = e
+            log.exception("model load failed")
+        finally:
+            self._loaded.set()
+
+    async def _wait_loaded(self) -> None:
+        if not self._loaded.is_set():
+            await asyncio.to_thread(self._loaded.wait)
+        if self.load_error is not None:
+            raise RuntimeError(f"model failed to load: {self.load_error}")
+
+    def check_health(self) -> None:
+        if self.load_error is not None:
+            raise RuntimeError(f"model failed to load: {self.load_error}")
+
+    def ready(self) -> bool:
+        return self.model is not None
+
+    async def caption(self, pixels: np.ndarray, params: GenerationParams) -> ReplicaAnswer:
+        await self._wait_loaded()
+        answer: ReplicaAnswer = await self._caption_batch((pixels, params))
+        if answer.error is not None:
+            raise InferenceError(answer.error)
+        return answer
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _caption_batch(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
+        self.batch_sizes.append(len(items))
+        # Generation is CPU/GPU-bound; run it off the event loop so health checks stay answered.
+        return await asyncio.to_thread(self._run_groups, items)
+
+    def _run_groups(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
+        import time
+
+        groups: dict[GenerationParams, list[int]] = defaultdict(list)
+        for i, (_, params) in enumerate(items):
+            groups[params].append(i)
+        answers: list[ReplicaAnswer | None] = [None] * len(items)
+        for params, indices in groups.items():
+            start = time.perf_counter()
+            try:
+                outputs = self.model.caption(np.stack([items[i][0] for i in indices]), params)
+            except Exception as e:
+                # @serve.batch fails every caller of a batch when the function raises; one bad
+                # params group must not take down the requests batched beside it.
+                log.warning("generate failed for %d image(s): %s: %s", len(indices), type(e).__name__, e)
+                for i in indices:
+                    answers[i] = ReplicaAnswer([], None, len(items), 0.0, error=f"{type(e).__name__}: {e}")
+                continue
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            for i, out in zip(indices, outputs, strict=True):
+                answers[i] = ReplicaAnswer(out.captions, out.scores, len(items), elapsed_ms)
+        return [a for a in answers if a is not None]
+
+    async def info(self) -> dict[str, Any]:
+        """Model identity, input spec and placement (waits for the model): the pipeline sizes images from it."""
+        await self._wait_loaded()
+        spec = self.model.info.spec
+        return {
+            "model": self.model.info.as_record(),
+            "height": spec.height,
+            "width": spec.width,
+            "resample": int(spec.resample),
+            "device": self.device,
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes)}
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # a TF-only image
+        return False
+
+
+def replica_app(model: ModelConfig, s3: S3Config | None, replicas: ReplicasConfig) -> serve.Application:
+    """The bound replica deployment, sized and placed from config."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": replicas.num_gpus, "num_cpus": replicas.num_cpus},
+        "max_ongoing_requests": replicas.ongoing_requests,
+    }
+    if replicas.autoscaling is not None:
+        options["autoscaling_config"] = replicas.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = replicas.num_replicas
+    return CaptionReplica.options(**options).bind(
+        model.model_dump(mode="json"),
+        s3.model_dump(mode="json") if s3 else None,
+        replicas.max_batch_size,
+        replicas.batch_wait_timeout_s,
+    )

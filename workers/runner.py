@@ -1,0 +1,241 @@
+"""`captioner run` and `captioner demo`: start what the settings ask for, run the pipeline, stop.
+
+The order is the data's way backwards: embedded servers, Ray, the replica deployment (the model
+must be loaded before the first record is read), then the consumers. Stopping goes the other
+way: consumers drain and commit first, replicas and servers last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from workers import metrics
+from workers.config import DEFAULT_MODEL, TINY_RANDOM, RayConfig, Settings
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def start_ray(cfg: RayConfig) -> None:
+    """Join the configured cluster, or start a local one bound to loopback."""
+    if cfg.address is None:
+        # A laptop or CI box: loopback only, no token auth, no usage stats. Set before import.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address is not None:
+        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
+        return
+    temp_dir = cfg.temp_dir or Path(os.environ.get("CAPTIONER_RAY_TMP", "/tmp/captioner-ray"))
+    ray.init(
+        namespace=cfg.namespace,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=str(temp_dir),
+    )
+
+
+def deploy_replicas(settings: Settings, *, http: bool = False) -> Any:
+    """Deploy the replica application and return its handle once every replica is ready."""
+    from ray import serve
+
+    from workers.replicas import replica_app
+
+    serve.start(
+        proxy_location="HeadOnly" if http else "Disabled",
+        http_options={"host": settings.http.host, "port": settings.http.port},
+    )
+    return serve.run(
+        replica_app(settings.model, settings.s3, settings.replicas),
+        name=f"{settings.ray.app_name}-replicas",
+        route_prefix=None,
+    )
+
+
+@contextlib.contextmanager
+def running_system(settings: Settings) -> Iterator[tuple[Settings, Any]]:
+    """Embedded servers (where asked), Ray and the replicas, torn down in reverse order."""
+    from workers.embedded import resolve_embedded
+    from workers.kafkaclient import ensure_topics
+
+    with resolve_embedded(settings) as embedded:
+        settings = embedded.settings
+        kafka = settings.kafka
+        ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
+        start_ray(settings.ray)
+        import ray
+        from ray import serve
+
+        try:
+            yield settings, deploy_replicas(settings)
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+
+
+def run(settings: Settings) -> int:
+    """The long-running worker; SIGTERM/SIGINT stop polling, drain, commit, exit 0."""
+    from workers.pipeline import Pipeline
+
+    metrics.serve_metrics(settings.metrics.port, settings.metrics.host)
+    with running_system(settings) as (resolved, replicas):
+        pipeline = Pipeline(resolved, replicas).start()
+        stop = _stop_on_signals(pipeline)
+        console.print(
+            f"[bold green]captioner running[/]: {resolved.kafka.input_topic} → {resolved.kafka.output_topic} "
+            f"(model {pipeline.model_record['name']}, backend {pipeline.model_record['backend']})"
+        )
+        if pipeline.model_record.get("untrained"):
+            console.print(untrained_banner(pipeline.model_record["name"]))
+        pipeline.wait()
+        stop()
+        return 1 if pipeline.failed.is_set() else 0
+
+
+def _stop_on_signals(pipeline: Any) -> Any:
+    stopped = threading.Event()
+
+    def stop(*_: object) -> None:
+        if not stopped.is_set():
+            stopped.set()
+            console.print("[yellow]stopping: draining in-flight records and committing…[/]")
+            pipeline.stop()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Only flag it here; the drain runs on the main thread after wait() returns.
+        pipeline.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def untrained_banner(name: str) -> Panel:
+    return Panel(
+        f"The model [bold]{name}[/] has RANDOM, UNTRAINED weights.\n"
+        "Its captions are meaningless tokens, shown only to prove the pipeline works end to end.\n"
+        f"For real captions put the pretrained checkpoint ({DEFAULT_MODEL}) in the Hugging Face\n"
+        "cache or a local directory and pass --model.",
+        title="[bold red]UNTRAINED MODEL[/]",
+        border_style="bold red",
+    )
+
+
+def pretrained_available(source: str = DEFAULT_MODEL) -> bool:
+    """Whether the pretrained checkpoint is in the local HF cache (the demo never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(source, local_files_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300) -> int:
+    """Embedded everything: upload the samples, submit one request each, caption, print, exit."""
+    from workers.contract import encode
+    from workers.pipeline import Pipeline
+
+    source = model or (DEFAULT_MODEL if pretrained_available() else TINY_RANDOM)
+    settings = settings.model_copy(
+        update={
+            "model": settings.model.model_copy(update={"source": source}),
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": "embedded"}),
+            "s3": settings.s3.model_copy(update={"endpoint_url": "embedded"}),
+        }
+    )
+    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    console.print(f"[bold]demo[/]: {len(files)} sample images, model {source}, embedded Kafka + S3 + Ray")
+    with running_system(settings) as (resolved, replicas):
+        from kafka import KafkaProducer
+
+        from workers.fetch import make_s3_client
+        from workers.kafkaclient import producer_kwargs
+
+        bucket = next(b for b in resolved.s3.allowed_buckets if b != "*")
+        s3 = make_s3_client(resolved.s3)
+        producer = KafkaProducer(**producer_kwargs(resolved.kafka, resolved.limits))
+        for path in files:
+            s3.put_object(Bucket=bucket, Key=f"samples/{path.name}", Body=path.read_bytes())
+            request = {"id": path.name, "image": f"s3://{bucket}/samples/{path.name}"}
+            producer.send(resolved.kafka.input_topic, key=path.name.encode(), value=encode(request))
+        producer.flush()
+        producer.close()
+
+        pipeline = Pipeline(resolved, replicas).start()
+        try:
+            outcomes = collect_outcomes(resolved, {p.name for p in files}, timeout_s=timeout_s)
+        finally:
+            pipeline.stop()
+        print_outcomes(outcomes, [p.name for p in files])
+        if pipeline.model_record.get("untrained"):
+            console.print(untrained_banner(pipeline.model_record["name"]))
+    missing = {p.name for p in files} - set(outcomes)
+    return 1 if missing else 0
+
+
+def collect_outcomes(settings: Settings, ids: set[str], *, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Read results and dead letters until every id has one outcome (or the deadline)."""
+    import json
+
+    from kafka import KafkaConsumer
+
+    from workers.kafkaclient import client_kwargs
+
+    kafka = settings.kafka
+    consumer = KafkaConsumer(
+        kafka.output_topic,
+        kafka.dead_letter_topic,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **client_kwargs(kafka),
+    )
+    outcomes: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while set(outcomes) < ids and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                for record in records:
+                    body = json.loads(record.value)
+                    if body.get("id") in ids:
+                        outcomes[body["id"]] = body
+    finally:
+        consumer.close()
+    return outcomes
+
+
+def print_outcomes(outcomes: dict[str, dict[str, Any]], order: list[str]) -> None:
+    table = Table(title="captions", show_lines=False)
+    table.add_column("image_name", no_wrap=True)
+    table.add_column("caption", overflow="fold")
+    for name in order:
+        body = outcomes.get(name)
+        if body is None:
+            table.add_row(name, "[red](no outcome before the deadline)[/]")
+        elif "error" in body:
+            table.add_row(name, f"[red]{body['error']['code']}: {body['error']['message']}[/]")
+        else:
+            table.add_row(name, body["caption"])
+    Console().print(table)

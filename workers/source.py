@@ -1,0 +1,191 @@
+"""The source stage: one consumer-group member's poll loop.
+
+The loop never waits on inference: it hands each record to the pipeline (which returns at once)
+and goes back to polling, so a long batch cannot trip `max.poll.interval.ms`. Backpressure is a
+window of open records: at `max_in_flight` every assigned partition is paused, and resumed once
+the window drains below the low-water mark. A record that arrives while the window is full is
+not dropped: the partition is rewound to it (`seek`) and it is fetched again after resume.
+
+Commits come only from here (kafka-python consumers are not thread-safe), every
+`commit_interval_s`, on revocation, and when the loop stops, using the OffsetTracker's
+watermarks. On revocation the loop waits (bounded by `worker.revoke_grace_s`) for the revoked
+partitions' open records, commits what finished, and forgets the rest: their outcomes may still
+be published, and the new owner will publish them again (at-least-once; duplicates allowed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from workers import metrics
+from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
+from workers.kafkaclient import consumer_kwargs
+from workers.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+
+class InFlightWindow:
+    """Counts records between poll and acknowledged outcome; shared by a process's sources."""
+
+    def __init__(self, limit: int, low: int):
+        self.limit = limit
+        self.low = low
+        self.peak = 0
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def try_acquire(self) -> bool:
+        with self._cond:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            self.peak = max(self.peak, self._count)
+            metrics.IN_FLIGHT.set(self._count)
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._count -= 1
+            metrics.IN_FLIGHT.set(self._count)
+            self._cond.notify_all()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def free(self) -> int:
+        return self.limit - self._count
+
+
+RecordHandler = Callable[["KafkaSource", ConsumerRecord], None]
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        limits: LimitsConfig,
+        worker: WorkerConfig,
+        window: InFlightWindow,
+        handle: RecordHandler,
+        *,
+        name: str = "source-0",
+    ):
+        self.kafka = kafka
+        self.limits = limits
+        self.worker = worker
+        self.window = window
+        self.handle = handle
+        self.name = name
+        self.tracker = OffsetTracker()
+        self.started = threading.Event()
+        self.assignment: set[TopicPartition] = set()
+        self._paused = False
+        self._consumer: KafkaConsumer | None = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        consumer = KafkaConsumer(**consumer_kwargs(self.kafka, self.limits))
+        self._consumer = consumer
+        consumer.subscribe([self.kafka.input_topic], listener=_Rebalance(self))
+        self.started.set()
+        last_commit = time.monotonic()
+        try:
+            while not stop.is_set():
+                self._apply_backpressure(consumer)
+                free = self.window.free()
+                batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=max(free, 1))
+                for tp, records in batch.items():
+                    for record in records:
+                        metrics.CONSUMED.labels(record.topic).inc()
+                        if not self.window.try_acquire():
+                            # Full: rewind so this record is read again after resume.
+                            consumer.seek(tp, record.offset)
+                            break
+                        self.tracker.started(tp, record.offset)
+                        self.handle(self, record)
+                if time.monotonic() - last_commit >= self.kafka.commit_interval_s:
+                    self._commit(consumer)
+                    last_commit = time.monotonic()
+            self._drain(consumer)
+        finally:
+            self._commit(consumer)
+            consumer.close(autocommit=False)
+            self._consumer = None
+
+    def _apply_backpressure(self, consumer: KafkaConsumer) -> None:
+        if not self._paused and self.window.free() <= 0:
+            consumer.pause(*consumer.assignment())
+            self._paused = True
+            metrics.PAUSED.set(1)
+        elif self._paused and self.window.count <= self.window.low:
+            consumer.resume(*consumer.paused())
+            self._paused = False
+            metrics.PAUSED.set(0)
+
+    def _drain(self, consumer: KafkaConsumer) -> None:
+        """Stop taking records; keep the membership alive until open records are acknowledged."""
+        consumer.pause(*consumer.assignment())
+        deadline = time.monotonic() + self.worker.drain_timeout_s
+        while self.tracker.in_flight() > 0 and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=100, max_records=1)
+            self._commit(consumer)
+        left = self.tracker.in_flight()
+        if left:
+            log.warning("%s: drain timed out with %d open record(s); they will be redelivered", self.name, left)
+
+    def _commit(self, consumer: KafkaConsumer, only: set[TopicPartition] | None = None) -> None:
+        offsets = self.tracker.to_commit()
+        if only is not None:
+            offsets = {tp: o for tp, o in offsets.items() if tp in only}
+        if not offsets:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        except KafkaError as e:
+            metrics.COMMITS.labels("failed").inc()
+            log.warning("%s: commit failed (%s); will retry", self.name, type(e).__name__)
+            return
+        self.tracker.committed(offsets)
+        metrics.COMMITS.labels("ok").inc()
+
+    # -- rebalance callbacks (run inside poll, on the loop's thread) --------------------------
+
+    def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        metrics.REBALANCES.labels("revoked").inc(len(revoked))
+        consumer = self._consumer
+        # Outcomes are acknowledged on other threads; give them a bounded chance to land.
+        self.tracker.wait_settled(revoked, timeout=self.worker.revoke_grace_s)
+        if consumer is not None:
+            self._commit(consumer, only=set(revoked))
+        self.tracker.forget(revoked)
+        self.assignment -= set(revoked)
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        metrics.REBALANCES.labels("assigned").inc(len(assigned))
+        self.assignment |= set(assigned)
+        if self._paused and self._consumer is not None and assigned:
+            self._consumer.pause(*assigned)
+        log.info("%s: assigned %s", self.name, sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaSource):
+        self.source = source
+
+    def on_partitions_revoked(self, revoked):  # type: ignore[no-untyped-def]
+        self.source.on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned):  # type: ignore[no-untyped-def]
+        self.source.on_assigned(set(assigned))
