@@ -29,3 +29,7 @@ def s3_server() -> Iterator[S3Server]:
 def broker() -> Iterator[Broker]:
     with Broker() as b:
         yield b
+
+
+# One Ray cluster + Serve for every test module that needs it (a start costs ~6 s).
+from worker_fixtures import ray_serve  # noqa: E402,F401

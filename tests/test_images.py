@@ -114,6 +114,7 @@ def test_truncated_jpeg_is_not_silently_accepted() -> None:
     assert err.value.code == ErrorCode.INVALID_IMAGE
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # as workers.images sets it
 def test_pixel_limit_is_decided_from_the_header() -> None:
     _check_pixel_limit()
 

@@ -15,7 +15,6 @@ from worker_fixtures import (
     flat_png,
     outcomes_by_offset,
     png_bytes,
-    ray_serve,  # noqa: F401  (fixture)
     request,
     upload,
     worker_settings,
@@ -253,3 +252,9 @@ def test_two_workers_in_one_group_split_partitions(broker, s3_server, replicas):
     assert assignment_a and assignment_b and not assignment_a & assignment_b
     assert len(assignment_a | assignment_b) == 4
     assert {(m.partition, m.offset) for m in sent} == set(outcomes_by_offset(results))
+
+
+def test_a_replica_without_gpus_runs_on_the_cpu(replicas):
+    info = replicas.info.remote().result(timeout_s=60)
+    assert info["gpu_ids"] == [] and info["device"] == "cpu"
+    assert info["model"] == {"name": "tiny-random", "backend": "torch", "untrained": True}

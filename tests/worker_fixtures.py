@@ -43,16 +43,19 @@ def start_test_ray(num_gpus: int = 2) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_serve(s3_server: Any) -> Iterator[None]:
-    """One Ray cluster + Serve (no HTTP proxy) for the whole run: a start costs ~6 s."""
+def ray_serve(s3_server: Any) -> Iterator[str]:
+    """One Ray cluster + Serve for the whole run (a start costs ~6 s); yields the HTTP base URL."""
     import ray
     from ray import serve
+
+    from workers.embedded import free_port
 
     # Workers inherit the driver's environment: give them (and our fetchers) the S3 keys.
     os.environ.update({k: v for k, v in s3_server.env().items() if k.startswith("AWS_")})
     start_test_ray()
-    serve.start(proxy_location="Disabled")
-    yield
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
 

@@ -7,7 +7,8 @@ in ONE run, on the same machine and weights:
 - transformers' `pipeline("image-to-text")` called once per image file (its own decode and
   preprocessing included), the way a naive script would caption a folder.
 Both generate with beam 2 and exactly 16 new tokens (min = max), so random weights cannot make
-one side stop early. Each batch size is warmed up once; figures are the median of `rounds`.
+one side stop early. Each case is warmed up once; figures are the median of `rounds`, and the
+rounds interleave the cases so that background load on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,16 @@ class Measurement:
     how: str
     batch_size: int
     images_per_s: float
-    latency_s: float  # median wall time of one call (a batch, or one image for the naive loop)
+    latency_s: float  # median wall time of one call: a batch, or one image for the naive loop
 
 
 def main(mode: str, backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
     if mode == "pipeline":
         try:
             from workers.bench_pipeline import main as pipeline_main
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != "workers.bench_pipeline":
+                raise
             raise NotImplementedError("bench mode 'pipeline' lives in workers/bench_pipeline.py, not written yet") from None
         return pipeline_main(backend=backend, batch_sizes=batch_sizes, model=model, rounds=rounds)
     if mode != "model":
@@ -77,6 +80,19 @@ def _model_dir(model: str, tmp: Path, console: Console) -> Path:
     return path
 
 
+@dataclass
+class _Case:
+    """One thing to time: `run` handles `images` images per call; `warm_up` primes it once."""
+
+    backend: str
+    how: str
+    batch_size: int
+    images: int
+    run: Callable[[], None]
+    warm_up: Callable[[], None]
+    times: list[float] = field(default_factory=list)
+
+
 def _run(console: Console, model_dir: Path, model: str, backends: list[str], batch_sizes: list[int], rounds: int) -> None:
     import torch
 
@@ -85,66 +101,65 @@ def _run(console: Console, model_dir: Path, model: str, backends: list[str], bat
 
     files = sorted(SAMPLES.glob("*.jpg"))
     encoded = [f.read_bytes() for f in files]
-    n_images = max(batch_sizes)
-    measurements: list[Measurement] = []
+    cases: list[_Case] = []
+    torch_model = None
     for name in backends:
         try:
             caption_model = load_model(ModelConfig(source=str(model_dir), backend=name), device="cpu")  # type: ignore[arg-type]
         except Exception as e:
             console.print(f"[red]backend {name}: cannot load ({type(e).__name__}: {e}); skipped[/red]")
             continue
-        spec = caption_model.spec
-        params_count = sum(p.numel() for p in caption_model.backend.model.parameters()) if name == "torch" else None
-        if params_count:
-            console.print(f"{name}: {params_count / 1e6:.1f} M parameters, {torch.get_num_threads()} torch threads")
+        if name == "torch":
+            torch_model = caption_model.backend.model
+            params_count = sum(p.numel() for p in torch_model.parameters())
+            console.print(f"torch: {params_count / 1e6:.1f} M parameters, {torch.get_num_threads()} threads")
         for batch_size in batch_sizes:
             batch = [encoded[i % len(encoded)] for i in range(batch_size)]
 
-            def one_batch(batch: list[bytes] = batch) -> None:
-                pixels = np.stack([prepare(b, size=spec, max_pixels=100_000_000).pixels for b in batch])
-                caption_model.caption(pixels, BENCH_PARAMS)
+            def one_batch(batch: list[bytes] = batch, cm=caption_model) -> None:
+                pixels = np.stack([prepare(b, size=cm.spec, max_pixels=100_000_000).pixels for b in batch])
+                cm.caption(pixels, BENCH_PARAMS)
 
-            seconds = _median_time(one_batch, rounds)
-            measurements.append(Measurement(name, "CaptionModel.caption", batch_size, batch_size / seconds, seconds))
-            console.print(f"  {name} batch {batch_size}: {batch_size / seconds:.2f} img/s")
-        del caption_model
+            cases.append(_Case(name, "CaptionModel.caption", batch_size, batch_size, one_batch, one_batch))
+    cases.append(_naive_case(model_dir, torch_model, [files[i % len(files)] for i in range(max(batch_sizes))]))
 
-    naive = _naive_pipeline(model_dir, [files[i % len(files)] for i in range(n_images)], rounds)
-    measurements.append(naive)
+    for case in cases:
+        case.warm_up()
+    # Rounds interleave the cases, so load from other processes on a shared machine slows all
+    # of them alike instead of whichever case happened to run at the time.
+    for round_ in range(rounds):
+        for case in cases:
+            start = time.perf_counter()
+            case.run()
+            case.times.append(time.perf_counter() - start)
+            console.print(f"  round {round_ + 1}: {case.backend} {case.how} batch {case.batch_size}: {case.times[-1]:.2f} s")
+    measurements = []
+    for case in cases:
+        seconds = statistics.median(case.times)
+        per_call = seconds if case.images == case.batch_size else seconds / case.images
+        measurements.append(Measurement(case.backend, case.how, case.batch_size, case.images / seconds, per_call))
     _report(console, measurements, model, rounds)
 
 
-def _naive_pipeline(model_dir: Path, files: list[Path], rounds: int) -> Measurement:
+def _naive_case(model_dir: Path, torch_model: object | None, files: list[Path]) -> _Case:
     """transformers' image-to-text pipeline, one image per call, same weights and settings."""
     from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor, pipeline
 
     captioner = pipeline(
         "image-to-text",
-        model=VisionEncoderDecoderModel.from_pretrained(model_dir),
+        # The very same weights as the batched torch case (no second copy in memory).
+        model=torch_model if torch_model is not None else VisionEncoderDecoderModel.from_pretrained(model_dir),
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
         image_processor=ViTImageProcessor.from_pretrained(model_dir),
         device="cpu",
     )
     kwargs = BENCH_PARAMS.generate_kwargs()
-    captioner(str(files[0]), generate_kwargs=kwargs)  # warm-up
 
     def loop() -> None:
         for f in files:
             captioner(str(f), generate_kwargs=kwargs)
 
-    seconds = _median_time(loop, rounds, warm_up=False)
-    return Measurement("torch", "naive pipeline, 1 image/call", 1, len(files) / seconds, seconds / len(files))
-
-
-def _median_time(fn: Callable[[], None], rounds: int, warm_up: bool = True) -> float:
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _Case("torch", "naive pipeline, 1 image/call", 1, len(files), loop, lambda: captioner(str(files[0]), generate_kwargs=kwargs))
 
 
 def _report(console: Console, measurements: list[Measurement], model: str, rounds: int) -> None:

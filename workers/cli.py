@@ -96,6 +96,14 @@ def run(config: ConfigOpt = None) -> None:
     raise typer.Exit(runner.run(_settings(config)))
 
 
+@app.command("serve")
+def serve_cmd(config: ConfigOpt = None) -> None:
+    """The Serve application locally: HTTP API + Kafka ingest + replicas (configs/serve.yaml's app)."""
+    from workers import runner
+
+    raise typer.Exit(runner.serve_http(_settings(config)))
+
+
 @app.command()
 def demo(
     config: ConfigOpt = None,
@@ -120,6 +128,40 @@ def submit(
     settings = _settings(config)
     count = submit_mod.submit(settings, inputs, topic=topic, bucket=bucket)
     typer.echo(f"submitted {count} request(s)")
+
+
+@app.command()
+def chaos(
+    requests: Annotated[int, typer.Option(min=30, help="requests in the stream (poison and awkward images included)")] = 300,
+    seed: Annotated[int, typer.Option(help="makes the request mix, fault timing and S3 faults repeatable")] = 0,
+    report: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
+    kill_replicas: Annotated[int, typer.Option(min=0, help="Serve replicas to ray.kill mid-stream")] = 1,
+    kill_consumers: Annotated[int, typer.Option(min=0, help="consumer workers to SIGKILL (each replaced)")] = 1,
+    broker_restarts: Annotated[int, typer.Option(min=0, help="broker kill -9 + restarts on durable storage")] = 1,
+    s3_error_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 calls answered 503/500")] = 0.05,
+    s3_drop_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 connections dropped")] = 0.02,
+    s3_delay_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 answers delayed")] = 0.02,
+    s3_truncate_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 bodies cut short")] = 0.02,
+    consumers: Annotated[int, typer.Option(min=1, help="consumer worker processes in the group")] = 2,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="worker.max_in_flight per consumer worker")] = 32,
+    inference_attempts: Annotated[int, typer.Option(min=1, help="worker.inference_attempts for the run")] = 6,
+    timeout: Annotated[Optional[float], typer.Option(help="seconds for the whole stream (default scales with --requests)")] = None,
+    keep: Annotated[bool, typer.Option(help="keep the work dir (logs, settings) under .tmp/")] = False,
+) -> None:
+    """A bounded, loopback-only chaos run (embedded S3, durable broker, Ray): exit 1 if anything was lost."""
+    from workers import chaos as chaos_mod
+
+    opts = chaos_mod.ChaosOptions(
+        requests=requests, seed=seed, kill_replicas=kill_replicas, kill_consumers=kill_consumers,
+        broker_restarts=broker_restarts, s3_error_rate=s3_error_rate, s3_drop_rate=s3_drop_rate,
+        s3_delay_rate=s3_delay_rate, s3_truncate_rate=s3_truncate_rate, consumers=consumers,
+        max_in_flight=max_in_flight, inference_attempts=inference_attempts, timeout_s=timeout, keep_workdir=keep,
+    )
+    result = chaos_mod.run_chaos(opts, command=chaos_mod.command_line())
+    chaos_mod.print_report(result)
+    if report is not None:
+        chaos_mod.write_report(result, report)
+    raise typer.Exit(0 if result.ok else 1)
 
 
 def main() -> None:  # pragma: no cover

@@ -262,6 +262,15 @@ class Settings(BaseSettings):
             raise ValueError(f"generation.{e}") from None
         return self
 
+    def portable(self) -> dict[str, Any]:
+        """The settings as plain data for another process (Serve args, actor options), without
+        secrets: the receiving process reads those from its own environment (`from_portable`)."""
+        return self.model_dump(mode="json", exclude={"kafka": {"sasl_password"}})
+
+    @classmethod
+    def from_portable(cls, data: dict[str, Any]) -> Settings:
+        return cls(**data)
+
     @classmethod
     def settings_customise_sources(
         cls,

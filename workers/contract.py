@@ -11,7 +11,8 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -21,6 +22,8 @@ from workers.model.params import GenerationParams
 S3_SCHEME = "s3://"
 # A dead letter echoes at most this much of the original value.
 MAX_ECHO_BYTES = 64 * 1024
+
+T = TypeVar("T")
 
 
 class ErrorCode(StrEnum):
@@ -43,6 +46,17 @@ class Rejected(Exception):
         self.code = code
         self.message = message
         self.attempts = attempts  # tries the stage made before giving up
+
+
+def run_stage(code: ErrorCode, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one stage; an exception it did not classify itself becomes that stage's code."""
+    try:
+        return fn(*args, **kwargs)
+    except Rejected:
+        raise
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        raise Rejected(code, f"{type(e).__name__}: {lines[0][:300] if lines else ''}") from e
 
 
 @dataclass(frozen=True)

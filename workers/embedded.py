@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -232,11 +234,21 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 # --- SeaweedFS --------------------------------------------------------------------------------
 
 
+def _aws_shaped_keys() -> tuple[str, str]:
+    """A fresh (access key, secret key): 20 upper-case alphanumerics and 40 URL-safe characters."""
+    return "AK" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)[:40]
+
+
 class S3Server:
     """SeaweedFS `weed mini` with generated credentials: wrong signatures are rejected (403).
 
-    >>> with S3Server() as s3:
+    Identities come from an `-s3.config` file written at start: an admin (what `client()` and
+    `env()` use) and, with `reader_buckets`, a least-privilege "reader" that may only read and
+    list those buckets (`reader_env()`, `reader_client()`); anything else it asks is a 403.
+
+    >>> with S3Server(reader_buckets=["images"]) as s3:
     ...     s3.client().put_object(Bucket="images", Key="a.jpg", Body=b"...")
+    ...     s3.reader_client().get_object(Bucket="images", Key="a.jpg")
     """
 
     def __init__(
@@ -247,12 +259,13 @@ class S3Server:
         workdir: str | Path | None = None,
         start_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
+        reader_buckets: tuple[str, ...] | list[str] | None = None,
     ):
         self.region = region
         self.buckets = list(buckets)
-        # AWS-shaped keys: 20 upper-case alphanumerics and 40 URL-safe characters.
-        self.access_key = "AK" + secrets.token_hex(9).upper()
-        self._secret_key = secrets.token_urlsafe(30)[:40]
+        self.access_key, self._secret_key = _aws_shaped_keys()
+        self.reader_buckets = list(reader_buckets) if reader_buckets is not None else None
+        self.reader_access_key, self._reader_secret_key = _aws_shaped_keys()
         self._workdir_arg = Path(workdir) if workdir else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.start_timeout_s = start_timeout_s
@@ -260,12 +273,41 @@ class S3Server:
         self._proc: ServerProcess | None = None
         self.ports: dict[str, int] = {}
 
-    def __repr__(self) -> str:  # the secret key stays out of logs and test output
-        return f"S3Server(endpoint_url={self.endpoint_url!r}, access_key={self.access_key!r}, secret_key=<hidden>)"
+    def __repr__(self) -> str:  # the secret keys stay out of logs and test output
+        endpoint = self.endpoint_url if "s3" in self.ports else None
+        return f"S3Server(endpoint_url={endpoint!r}, access_key={self.access_key!r}, secret_key=<hidden>)"
 
     @property
     def secret_key(self) -> str:
         return self._secret_key
+
+    @property
+    def reader_secret_key(self) -> str:
+        self._require_reader()
+        return self._reader_secret_key
+
+    def _require_reader(self) -> None:
+        if self.reader_buckets is None:
+            raise RuntimeError("this S3Server has no reader identity (pass reader_buckets=[...])")
+
+    def identities(self) -> dict[str, Any]:
+        """The `-s3.config` document (format checked against SeaweedFS 4.48)."""
+        admin = {
+            "name": "admin",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self._secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        identities = [admin]
+        if self.reader_buckets is not None:
+            identities.append(
+                {
+                    "name": "reader",
+                    "credentials": [{"accessKey": self.reader_access_key, "secretKey": self._reader_secret_key}],
+                    # "Action:bucket" scopes an action to one bucket; no Write, no Admin.
+                    "actions": [f"{action}:{b}" for b in self.reader_buckets for action in ("Read", "List")],
+                }
+            )
+        return {"identities": identities}
 
     @property
     def endpoint_url(self) -> str:
@@ -315,8 +357,9 @@ class S3Server:
         ]
         for name, port in p.items():
             argv += [f"-{name}.port={port}", f"-{name}.port.grpc={port + WEED_GRPC_OFFSET}"]
-        env = _child_env({"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self._secret_key})
-        self._proc = ServerProcess("weed", argv, env=env, cwd=self.workdir, log_path=log_dir / "weed.out")
+        argv.append(f"-s3.config={self._write_identities()}")
+        # No AWS_* in the child: the identities file is the only source of accepted keys.
+        self._proc = ServerProcess("weed", argv, env=_child_env({}), cwd=self.workdir, log_path=log_dir / "weed.out")
         self._proc.start()
         try:
             wait_until(
@@ -333,6 +376,14 @@ class S3Server:
             raise
         log.info("started %r (pid %s)", self, self._proc.pid)
         return self
+
+    def _write_identities(self) -> Path:
+        # Secrets on disk: owner-only from the moment the file exists.
+        path = self.workdir / "s3-identities.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.identities(), f)
+        return path
 
     def _serves_objects(self) -> bool:
         # S3 answers before the volume server takes writes: ready means a put and a get work.
@@ -434,6 +485,20 @@ class S3Server:
             "AWS_ALLOW_HTTP": "true",
         }
 
+    def reader_env(self) -> dict[str, str]:
+        """Like env(), with the read-only reader's keys (what a least-privilege worker gets)."""
+        self._require_reader()
+        return {
+            **self.env(),
+            "AWS_ACCESS_KEY_ID": self.reader_access_key,
+            "AWS_SECRET_ACCESS_KEY": self._reader_secret_key,
+        }
+
+    def reader_client(self, **kwargs: Any) -> Any:
+        """A boto3 client signed with the reader's keys."""
+        self._require_reader()
+        return self.client(access_key=self.reader_access_key, secret_key=self._reader_secret_key, **kwargs)
+
 
 # --- Tansu ------------------------------------------------------------------------------------
 
@@ -442,6 +507,10 @@ class Broker:
     """Tansu, the Kafka-protocol broker: `memory://` storage, or durable `s3://BUCKET/` on an S3Server.
 
     restart() keeps the port, so clients reconnect to the same bootstrap address.
+
+    `advertised_port` puts another port in the broker's metadata than the one it listens on, for
+    a TLS terminator in front of it (FIELD-NOTES: Tansu's own TLS does not work): clients then
+    bootstrap at `advertised_servers` and every later connection goes through the terminator.
     """
 
     def __init__(
@@ -454,10 +523,12 @@ class Broker:
         start_timeout_s: float = 30.0,
         stop_timeout_s: float = 10.0,
         workdir: str | Path | None = None,
+        advertised_port: int | None = None,
     ):
         self.s3 = s3
         self.bucket = bucket
         self.port = port
+        self.advertised_port = advertised_port  # None: the listener's own port
         self.cluster_id = cluster_id
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -477,6 +548,13 @@ class Broker:
         if self.port is None:
             raise RuntimeError("Broker is not started")
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def advertised_servers(self) -> str:
+        """The address the broker's metadata sends clients to (bootstrap_servers unless advertised_port)."""
+        if self.port is None:
+            raise RuntimeError("Broker is not started")
+        return f"{LOOPBACK}:{self.advertised_port or self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -503,13 +581,12 @@ class Broker:
         if self.s3 is not None:
             self.s3.create_bucket(self.bucket)  # Tansu needs its bucket to exist
             extra = self.s3.env()
-        url = f"tcp://{LOOPBACK}:{self.port}"
         argv = [
             str(tansu_binary()),
             "broker",
             f"--cluster-id={self.cluster_id}",
-            f"--listener-url={url}",
-            f"--advertised-listener-url={url}",
+            f"--listener-url=tcp://{LOOPBACK}:{self.port}",
+            f"--advertised-listener-url=tcp://{self.advertised_servers}",
             f"--storage-engine={self.storage_engine}",
         ]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -533,21 +610,11 @@ class Broker:
 
     def _answers_metadata(self) -> bool:
         # The port accepts in ~30 ms; a metadata round trip proves the storage engine answers too.
+        # Spoken on one raw connection to the listener: a client library would follow the
+        # metadata to the advertised address, which may be a TLS terminator not started yet.
         if not _port_accepts(self.port or 0):
             return False
-        from kafka import KafkaAdminClient
-
-        admin = KafkaAdminClient(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id="embedded-readiness",
-            request_timeout_ms=3000,
-            bootstrap_timeout_ms=3000,
-        )
-        try:
-            admin.list_topics()
-        finally:
-            admin.close()
-        return True
+        return _metadata_round_trip(self.port or 0)
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -577,6 +644,26 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_METADATA_API_KEY = 3
+_METADATA_VERSION = 1  # v1: a null topic array asks for every topic
+
+
+def _metadata_round_trip(port: int, timeout_s: float = 3.0) -> bool:
+    """Send one Kafka MetadataRequest (all topics) to `port`; True when a matching response comes."""
+    correlation_id = random.randrange(1, 2**31)
+    client_id = b"embedded-readiness"
+    header = struct.pack(">hhih", _METADATA_API_KEY, _METADATA_VERSION, correlation_id, len(client_id)) + client_id
+    message = header + struct.pack(">i", -1)
+    with socket.create_connection((LOOPBACK, port), timeout=timeout_s) as sock:
+        sock.sendall(struct.pack(">i", len(message)) + message)
+        size_bytes = sock.recv(4, socket.MSG_WAITALL)
+        if len(size_bytes) < 4:
+            return False
+        (size,) = struct.unpack(">i", size_bytes)
+        response = sock.recv(size, socket.MSG_WAITALL)
+    return len(response) == size >= 4 and struct.unpack(">i", response[:4])[0] == correlation_id
 
 
 # --- settings ---------------------------------------------------------------------------------

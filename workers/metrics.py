@@ -45,7 +45,12 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
         return None
     with _server_lock:
         if _server_port is None:
-            start_http_server(port, addr=host)
+            try:
+                start_http_server(port, addr=host)
+            except OSError as e:
+                # Another process on this node (a second Serve replica) already serves it.
+                log.warning("metrics port %s:%d unavailable (%s); not serving /metrics here", host, port, e)
+                return None
             _server_port = port
             log.info("metrics on http://%s:%d/metrics", host, port)
         return _server_port

@@ -38,6 +38,7 @@ from workers.contract import (
     dead_letter_record,
     parse_request,
     result_record,
+    run_stage,
 )
 from workers.fetch import Fetcher, make_s3_client
 from workers.replicas import ReplicaAnswer
@@ -163,7 +164,7 @@ class Pipeline:
             if not self._still_ours(job):
                 return
             with _timed(job, "fetch"):
-                fetched = self._stage(ErrorCode.FETCH_FAILED, self.fetcher.fetch, job.request.image)
+                fetched = run_stage(ErrorCode.FETCH_FAILED, self.fetcher.fetch, job.request.image)
             job.attempts = fetched.attempts
             key = self.cache.key(fetched.data, job.request.params)
             hit = self.cache.get(key)
@@ -173,7 +174,7 @@ class Pipeline:
                 return
             metrics.CACHE_MISSES.inc()
             with _timed(job, "decode"):
-                prepared = self._stage(
+                prepared = run_stage(
                     ErrorCode.INVALID_IMAGE,
                     images.prepare,
                     fetched.data,
@@ -290,16 +291,6 @@ class Pipeline:
             return True
         self.window.release()
         return False
-
-    @staticmethod
-    def _stage(code: ErrorCode, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one stage; an unexpected exception becomes that stage's error code."""
-        try:
-            return fn(*args, **kwargs)
-        except Rejected:
-            raise
-        except Exception as e:
-            raise Rejected(code, f"{type(e).__name__}: {_first_line(e)}") from e
 
 
 class _timed:

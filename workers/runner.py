@@ -86,6 +86,16 @@ def running_system(settings: Settings) -> Iterator[tuple[Settings, Any]]:
         import ray
         from ray import serve
 
+        if settings.ray.address is not None:
+            # Attach: the cluster's Serve application owns the replicas; use them, and leave
+            # them running when this member exits (KEDA scales these members up and down).
+            from workers.replicas import DEPLOYMENT_NAME
+
+            try:
+                yield settings, serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.ray.app_name)
+            finally:
+                ray.shutdown()
+            return
         try:
             yield settings, deploy_replicas(settings)
         finally:
@@ -111,6 +121,39 @@ def run(settings: Settings) -> int:
         pipeline.wait()
         stop()
         return 1 if pipeline.failed.is_set() else 0
+
+
+def serve_http(settings: Settings) -> int:
+    """`captioner serve`: the whole Serve application (HTTP + Kafka ingest + replicas), locally."""
+    from ray import serve
+
+    from deployment.app import application
+    from workers.embedded import resolve_embedded
+    from workers.kafkaclient import ensure_topics
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with resolve_embedded(settings) as embedded:
+        resolved = embedded.settings
+        kafka = resolved.kafka
+        ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
+        start_ray(resolved.ray)
+        import ray
+
+        try:
+            serve.start(proxy_location="HeadOnly", http_options={"host": resolved.http.host, "port": resolved.http.port})
+            serve.run(application(resolved), name=resolved.ray.app_name, route_prefix=resolved.http.route_prefix)
+            url = f"http://{resolved.http.host}:{resolved.http.port}{resolved.http.route_prefix.rstrip('/')}"
+            console.print(f"[bold green]captioner serving[/] {url}/v1/captions (OpenAPI: {url}/docs); "
+                          f"consuming {kafka.input_topic} → {kafka.output_topic}")
+            stop.wait()
+            console.print("[yellow]stopping: the ingest drains and commits…[/]")
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+    return 0
 
 
 def _stop_on_signals(pipeline: Any) -> Any:

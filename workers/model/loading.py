@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -84,7 +83,9 @@ def is_untrained(path: Path) -> bool:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep == "\\" and "\\" in source
+    """A source that can only be a path (hub ids are `name` or `owner/name`): a missing one is
+    reported as a missing directory, not as an unknown hub id."""
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
 
 
 def _check_model_dir(path: Path) -> Path:

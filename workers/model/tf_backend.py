@@ -89,9 +89,11 @@ def cache_capacity(max_new_tokens: int, n_positions: int) -> int:
 # ------------------------------------------------------------------------------ weights on disk
 
 
-def ensure_tf_weights(model_dir: Path, cache_dir: Path | None = None) -> Path:
+def ensure_tf_weights(model_dir: Path, cache_dir: Path | None = None, *, write_beside: bool = True) -> Path:
     """A directory with config.json + tf_model.h5 for `model_dir`: itself when it has the h5,
-    else where the one-time conversion from the PyTorch weights was (or is now) written."""
+    else where the one-time conversion from the PyTorch weights was (or is now) written: beside
+    them when `write_beside` and the directory is writable, else under `cache_dir` (keyed by the
+    weights file's path, size and mtime)."""
     model_dir = Path(model_dir)
     if (model_dir / TF_WEIGHTS_NAME).is_file():
         return model_dir
@@ -101,9 +103,18 @@ def ensure_tf_weights(model_dir: Path, cache_dir: Path | None = None) -> Path:
     cached = (cache_dir or default_tf_cache_dir()) / key
     if (cached / TF_WEIGHTS_NAME).is_file():
         return cached
-    target = model_dir if os.access(model_dir, os.W_OK) else cached
+    target = model_dir if write_beside and _writable(model_dir) else cached
     _convert_pytorch_weights(model_dir, source, target)
     return target
+
+
+def _writable(directory: Path) -> bool:
+    """Try it: os.access says yes to root on a read-only mount's permission bits, and the reverse."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".captioner-write-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def _pytorch_weights(model_dir: Path) -> Path:

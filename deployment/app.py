@@ -1,0 +1,273 @@
+"""The Ray Serve application: one HTTP ingress and the Kafka ingest sharing the same model replicas.
+
+    serve run configs/serve.yaml            # import_path: deployment.app:build_app
+    captioner serve [--config FILE]         # the same, locally, with embedded servers resolved
+
+```
+             ┌─────────────── CaptionIngress (FastAPI: /v1/captions, /healthz, /readyz) ──┐
+HTTP ───────►│                                                                            ├──► CaptionReplica × N
+Kafka ──────►└─────────────── KafkaIngest (consumer-group members: workers.pipeline) ─────┘     (GPU-pinned, @serve.batch)
+```
+
+Settings travel to the deployments as plain data without secrets (`Settings.portable()`); each
+process reads secrets from its own environment (Kubernetes Secrets become env variables).
+"""
+
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from workers import images, metrics
+from workers.config import ConfigError, Settings, load_settings
+from workers.contract import ErrorCode, Rejected, parse_request, resolve_params, result_record, run_stage
+from workers.contract import Request as CaptionRequest
+from workers.replicas import ReplicaAnswer, replica_app
+
+log = logging.getLogger(__name__)
+
+INGRESS_NAME = "CaptionIngress"
+INGEST_NAME = "KafkaIngest"
+
+# Each dead-letter code as an HTTP status: the client's fault is 4xx, ours or upstream's 5xx,
+# and nothing the request contains can produce a bare 500.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_MESSAGE: 400,
+    ErrorCode.FORBIDDEN_REFERENCE: 403,
+    ErrorCode.ACCESS_DENIED: 403,
+    ErrorCode.OBJECT_NOT_FOUND: 404,
+    ErrorCode.OBJECT_TOO_LARGE: 413,
+    ErrorCode.IMAGE_TOO_LARGE: 413,
+    ErrorCode.INVALID_IMAGE: 422,
+    ErrorCode.FETCH_FAILED: 502,
+    ErrorCode.INFERENCE_FAILED: 503,
+}
+
+
+def settings_from_args(args: dict[str, Any]) -> Settings:
+    """Serve `args` → Settings: `config_path` (a YAML file) and/or `settings` (nested overrides)."""
+    unknown = set(args) - {"config_path", "settings"}
+    if unknown:
+        raise ConfigError("serve args", [{"loc": (k,), "input": args[k], "msg": "unknown argument"} for k in unknown])
+    settings = load_settings(args.get("config_path"), **(args.get("settings") or {}))
+    if settings.kafka.embedded or settings.s3.embedded:
+        raise ConfigError(
+            "serve args",
+            [{"loc": ("kafka.bootstrap_servers / s3.endpoint_url",), "input": "embedded",
+              "msg": "'embedded' starts servers inside one process; in a Serve application give real "
+                     "addresses (`captioner serve` resolves 'embedded' before deploying)"}],
+        )
+    return settings
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder named in configs/serve.yaml."""
+    return application(settings_from_args(args))
+
+
+def application(settings: Settings) -> serve.Application:
+    portable = settings.portable()
+    replicas = replica_app(settings.model, settings.s3, settings.replicas)
+    ingest = KafkaIngest.bind(portable, replicas)
+    return CaptionIngress.bind(portable, replicas, ingest)
+
+
+# -- Kafka ingest ------------------------------------------------------------------------------
+
+
+@serve.deployment(name=INGEST_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+class KafkaIngest:
+    """Consumer-group members inside the application; stopped (drained, committed) with it."""
+
+    def __init__(self, settings: dict[str, Any], replicas: DeploymentHandle):
+        self.settings = Settings.from_portable(settings)
+        self.replicas = replicas
+        self.pipeline: Any = None
+        self.error: BaseException | None = None
+        metrics.serve_metrics(self.settings.metrics.port, self.settings.metrics.host)
+        # The pipeline waits for the model (it sizes images from the replica's spec); start it
+        # off the constructor so this replica is healthy while the replicas load.
+        threading.Thread(target=self._start, name="ingest-start", daemon=True).start()
+
+    def _start(self) -> None:
+        from workers.pipeline import Pipeline
+
+        try:
+            self.pipeline = Pipeline(self.settings, self.replicas, name="ingest").start()
+        except BaseException as e:
+            self.error = e
+            log.exception("Kafka ingest failed to start")
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"ingest failed to start: {type(self.error).__name__}: {self.error}")
+        if self.pipeline is not None and self.pipeline.failed.is_set():
+            raise RuntimeError("ingest stopped: the broker did not acknowledge an outcome")
+
+    def status(self) -> dict[str, Any]:
+        p = self.pipeline
+        return {
+            "running": p is not None and not p.stopping,
+            "in_flight": p.window.count if p else 0,
+            "assignment": sorted(
+                f"{tp.topic}:{tp.partition}" for s in (p.sources if p else []) for tp in s.assignment
+            ),
+        }
+
+    def __del__(self) -> None:
+        # Serve calls __del__ on graceful shutdown: drain in-flight records and commit.
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+
+# -- HTTP ingress ---------------------------------------------------------------------------
+# (Helpers first: the ingress class is shipped to its replicas by value, with the globals it
+# finds defined at that point.)
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them where the size is declared."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejected(ErrorCode.OBJECT_TOO_LARGE, f"body of {declared} bytes exceeds limits.max_http_body_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked uploads declare nothing: count as we go
+            raise Rejected(ErrorCode.OBJECT_TOO_LARGE, f"body exceeds limits.max_http_body_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _upload(request: Request, body: bytes, content_type: str) -> tuple[bytes, dict[str, str]]:
+    """A raw image body (fields from the query string) or a multipart form with field `image`."""
+    fields = dict(request.query_params)
+    if content_type != "multipart/form-data":
+        return body, fields
+    from starlette.formparsers import MultiPartParser
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_part_size=len(body) + 1).parse()
+    except Exception as e:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"malformed multipart body: {e}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "multipart body needs a file field 'image'")
+    data = await upload.read()
+    fields.update({k: v for k, v in form.items() if isinstance(v, str)})
+    fields.setdefault("filename", upload.filename or "upload")
+    return data, fields
+
+
+def _upload_request(data: bytes, fields: dict[str, str], settings: Settings) -> CaptionRequest:
+    """The request an upload stands for: id, params and metadata from its fields."""
+    try:
+        overrides = json.loads(fields["params"]) if fields.get("params") else {}
+        metadata = json.loads(fields["metadata"]) if fields.get("metadata") else {}
+    except json.JSONDecodeError as e:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"params/metadata must be JSON: {e.msg}") from None
+    if not isinstance(overrides, dict) or not isinstance(metadata, dict):
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "params and metadata must be JSON objects")
+    name = fields.get("filename") or "upload"
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    return CaptionRequest(
+        id=fields.get("id") or f"upload:{digest}",
+        image=f"upload:{name}",
+        params=resolve_params(settings.generation, overrides, settings.limits),
+        metadata=metadata,
+    )
+
+
+
+api = FastAPI(
+    title="captioner",
+    version="0.1.0",
+    description="Image captioning with ViT-GPT2. POST an image (raw body or multipart field `image`) "
+    "or JSON {\"image\": \"s3://…\", \"params\": {…}}; the answer has the results topic's schema.",
+)
+
+
+@serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class CaptionIngress:
+    def __init__(self, settings: dict[str, Any], replicas: DeploymentHandle, ingest: DeploymentHandle | None = None):
+        from workers.fetch import Fetcher, make_s3_client
+
+        self.settings = Settings.from_portable(settings)
+        self.replicas = replicas
+        self.ingest = ingest
+        self.fetcher = Fetcher(make_s3_client(self.settings.s3), self.settings.s3, self.settings.limits)
+        self._model_info: dict[str, Any] | None = None
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Ready once a replica has its model loaded."""
+        try:
+            ready = await asyncio.wait_for(self.replicas.ready.remote(), timeout=5)
+        except Exception as e:  # no replica yet, or one that is still starting
+            ready = False
+            log.debug("readiness probe: %s", type(e).__name__)
+        if not ready:
+            return JSONResponse({"ready": False}, status_code=503)
+        info = await self._info()
+        return JSONResponse({"ready": True, "model": info["model"]})
+
+    @api.post("/v1/captions")
+    async def caption(self, request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(await self._caption(request))
+        except Rejected as e:
+            return JSONResponse({"error": {"code": str(e.code), "message": e.message}}, status_code=HTTP_STATUS[e.code])
+
+    # -- the way through, as in the worker: parse → fetch → decode → replicas --------------------
+
+    async def _caption(self, request: Request) -> dict[str, Any]:
+        settings = self.settings
+        body = await _read_capped(request, settings.limits.max_http_body_bytes)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        timings: dict[str, float] = {}
+        if content_type == "application/json":
+            req = parse_request(body, defaults=settings.generation, limits=settings.limits)
+            start = asyncio.get_running_loop().time()
+            fetched = await asyncio.to_thread(run_stage, ErrorCode.FETCH_FAILED, self.fetcher.fetch, req.image)
+            timings["fetch"] = (asyncio.get_running_loop().time() - start) * 1000
+            data = fetched.data
+        else:
+            data, fields = await _upload(request, body, content_type)
+            req = _upload_request(data, fields, settings)
+        info = await self._info()
+        start = asyncio.get_running_loop().time()
+        prepared = await asyncio.to_thread(
+            run_stage, ErrorCode.INVALID_IMAGE, images.prepare, data, size=(info["height"], info["width"]), resample=info["resample"],
+            max_pixels=settings.limits.max_image_pixels,
+        )
+        timings["decode"] = (asyncio.get_running_loop().time() - start) * 1000
+        try:
+            answer: ReplicaAnswer = await self.replicas.caption.remote(prepared.pixels, req.params)
+        except Exception as e:
+            raise Rejected(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        timings["inference"] = answer.inference_ms
+        return result_record(
+            req, captions=answer.captions, model=info["model"], cached=False,
+            width=prepared.width, height=prepared.height, timings_ms=timings, scores=answer.scores,
+        )
+
+    async def _info(self) -> dict[str, Any]:
+        if self._model_info is None:
+            self._model_info = await self.replicas.info.remote()
+        return self._model_info
