@@ -416,20 +416,27 @@ def replica_actor_names(app_name: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-def kill_one_replica(app_name: str, rng: random.Random, replicas: int) -> str:
-    """ray.kill one replica (its in-flight calls fail); wait until Serve has replaced it."""
+def kill_one_replica(app_name: str, rng: random.Random) -> str:
+    """ray.kill one live replica of the app: the calls it holds fail mid-batch."""
     import ray
 
     names = replica_actor_names(app_name)
     victim = rng.choice(names)
+    # Not waiting for the replacement: the stream keeps flowing through the other replica
+    # while Serve starts a new one (checked at the end of the run).
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-
-    def replaced() -> bool:
-        alive = replica_actor_names(app_name)
-        return victim not in alive and len(alive) >= replicas
-
-    wait_until(replaced, timeout_s=120, interval_s=0.2, what=f"Serve to replace replica {victim}")
     return victim
+
+
+def restart_broker(broker: Broker) -> None:
+    """kill -9 and start again on the same port (durable storage keeps everything).
+
+    Not `Broker.restart(kill=True)`: its "port released" check binds without SO_REUSEADDR, so
+    with clients connected (server-side TIME_WAIT) it waits 60 s and times out after 10, while
+    Tansu itself rebinds at once.
+    """
+    broker.kill()
+    broker.start()
 
 
 # --- consumer workers (child processes) -----------------------------------------------------
@@ -574,7 +581,7 @@ class Feeder(threading.Thread):
         self.resends = 0
         self.error: BaseException | None = None
         self.done = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         from kafka import KafkaProducer
@@ -587,10 +594,10 @@ class Feeder(threading.Thread):
             chunk = 25
             for start in range(0, len(self.cases), chunk):
                 wait_until(
-                    lambda: self._stop.is_set() or len(self.coordinates) - self.progress() < self.lead,
+                    lambda: self._halt.is_set() or len(self.coordinates) - self.progress() < self.lead,
                     timeout_s=600, interval_s=0.05, what="outcomes to catch up with the feeder",
                 )  # fmt: skip
-                if self._stop.is_set():
+                if self._halt.is_set():
                     return
                 self._send(producer, list(range(start, min(start + chunk, len(self.cases)))))
         except BaseException as e:
@@ -622,7 +629,7 @@ class Feeder(threading.Thread):
         raise RuntimeError(f"feeder: {len(indices)} request(s) not acknowledged after {attempts} attempts")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 @dataclass
@@ -646,7 +653,7 @@ class Collector(threading.Thread):
         self.records_scanned = 0
         self.leaks: list[str] = []
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -662,7 +669,7 @@ class Collector(threading.Thread):
             # Both topics have one partition (created so): the end marker orders after everything.
             consumer.assign([TopicPartition(kafka.output_topic, 0), TopicPartition(kafka.dead_letter_topic, 0)])
             consumer.seek_to_beginning()
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
                         self._take(record)
@@ -700,7 +707,7 @@ class Collector(threading.Thread):
             return coordinates <= self.seen
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(30)
 
 
@@ -776,7 +783,7 @@ class MemorySampler(threading.Thread):
         self.peak_tree_kb = 0
         self.peak_by_category_kb: Counter[str] = Counter()  # largest sum per category at one sample
         self.peak_process_kb: Counter[str] = Counter()  # largest single process per category (VmHWM)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> None:
         sums: Counter[str] = Counter()
@@ -790,11 +797,11 @@ class MemorySampler(threading.Thread):
             self.peak_by_category_kb[category] = max(self.peak_by_category_kb[category], kb)
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._halt.wait(self.interval_s):
             self.sample()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
         self.sample()
 
@@ -982,6 +989,7 @@ def _run(
     stack.callback(feeder.stop)
 
     faults: Counter[str] = Counter()
+    killed_replicas: list[str] = []
     unexpected_exits: list[str] = []
     deadline = time.monotonic() + opts.deadline_s
     total = len(corpus.cases)
@@ -1007,19 +1015,26 @@ def _run(
             )  # fmt: skip
             log.info("chaos: injecting %s at %d/%d outcomes", fault.kind, collector.progress(), total)
             if fault.kind == "replica_kill":
-                kill_one_replica(app_name, rng, settings.replicas.num_replicas)
+                killed_replicas.append(kill_one_replica(app_name, rng))
             elif fault.kind == "consumer_kill":
                 live = [w for w in workers if w.exit_code() is None]
                 rng.choice(live).kill()
-                spawn().wait_ready()
+                spawn()  # joins the group when it is up; the stream does not wait for it
             elif fault.kind == "broker_restart":
-                broker.restart(kill=True)
+                restart_broker(broker)
             faults[fault.kind] += 1
         if not half_flipped:
             proxy.set_plan(FaultPlan(**{**asdict(plan), "error_status": 500}))
         wait_until(
             lambda: check_workers() or (feeder.done.is_set() and collector.has_all(set(feeder.coordinates))),
             timeout_s=max(1.0, deadline - time.monotonic()), interval_s=0.1, what="an outcome for every request",
+        )  # fmt: skip
+        for w in workers:
+            if not w.killed:
+                w.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
+        wait_until(
+            lambda: len(set(replica_actor_names(app_name)) - set(killed_replicas)) >= settings.replicas.num_replicas,
+            timeout_s=max(1.0, deadline - time.monotonic()), interval_s=0.2, what="Serve to replace killed replicas",
         )  # fmt: skip
     except (TimeoutError, RuntimeError) as e:
         log.error("chaos: %s", e)

@@ -106,6 +106,32 @@ class _Retryable(Exception):
     """A transient failure: try again if attempts remain, else fetch_failed with this reason."""
 
 
+class _RedirectRefused(Exception):
+    """The server answered 3xx; raised from botocore's needs-retry event, before its region redirector."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+_REFUSE_REDIRECTS_ID = "captioner-refuse-redirects"
+
+
+def _refuse_redirects(response: Any = None, **_: Any) -> None:
+    """needs-retry hook: any 3xx ends the call.
+
+    urllib3 never follows Location for botocore, but botocore's S3 region redirector re-sends a
+    request after a 301/302/307 (re-signed for the region the answer names) and, when the
+    answer names none, asks the same server with HeadBucket, which is redirected again: a server
+    that always redirects drives it into RecursionError. Raising here, in the first handler,
+    stops the call before the redirector runs.
+    """
+    http_response = response[0] if response else None
+    status = getattr(http_response, "status_code", 0) or 0
+    if 300 <= status < 400:
+        raise _RedirectRefused(status)
+
+
 class Fetcher:
     """S3 reference → bytes, or Rejected with the contract's error code.
 
@@ -128,6 +154,8 @@ class Fetcher:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._secrets = _client_secrets(client)
+        # Idempotent (unique_id): several fetchers may share one client.
+        client.meta.events.register_first("needs-retry.s3", _refuse_redirects, unique_id=_REFUSE_REDIRECTS_ID)
 
     def fetch(self, uri: str) -> Fetched:
         ref = parse_image_ref(uri, self.cfg.allowed_buckets)
@@ -186,6 +214,8 @@ class Fetcher:
             return operation(**kwargs)
         except ClientError as e:
             raise self._classify(ref, e) from None
+        except _RedirectRefused as e:
+            raise Rejected(ErrorCode.FETCH_FAILED, f"{ref.uri}: redirect not followed: {e}") from None
         except NoCredentialsError:
             raise Rejected(ErrorCode.ACCESS_DENIED, f"{ref.uri}: no S3 credentials configured") from None
         except (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError) as e:

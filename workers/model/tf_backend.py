@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from workers.model.backend import Generated
 from workers.model.params import GenerationParams
-from workers.model.tf_decode import SearchSettings, resolve_settings, run_search
+from workers.model.tf_decode import SearchResult, SearchSettings, resolve_settings, run_search
 
 log = logging.getLogger(__name__)
 
@@ -475,9 +476,7 @@ class TFBackend:
 
     # -- the Backend API
 
-    def generate(self, pixel_values: np.ndarray, params: GenerationParams) -> Any:
-        from workers.model.backend import Generated
-
+    def generate(self, pixel_values: np.ndarray, params: GenerationParams) -> Generated:
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1:] != self._image_shape:
             raise ValueError(f"pixel_values must be N×{'×'.join(map(str, self._image_shape))}, got {pixels.shape}")
@@ -509,34 +508,38 @@ class TFBackend:
 
     def warm_up(self, bucket: int, params: GenerationParams) -> None:
         """Compile `bucket`'s encoder and decoder step for `params` (beam count, length)."""
-        pixels = np.zeros((bucket, *self._image_shape), np.float32)
-        self._generate_bucket(pixels, self.settings(params), warm=True)
+        with self._lock:
+            self._ensure_compiled(bucket, self.settings(params))
 
     # -- internals
 
-    def _generate_bucket(self, pixels: np.ndarray, settings: SearchSettings, warm: bool = False) -> Any:
+    def _ensure_compiled(self, bucket: int, settings: SearchSettings) -> None:
+        """Count the shape lookups; trace (with XLA: compile) what is new. Caller holds the lock."""
+        capacity = cache_capacity(settings.max_new_tokens, self._graph.n_positions)
+        rows = settings.rows_per_image
+        keys = [("encode", bucket), ("step", bucket, rows, capacity)]
+        fresh = [k for k in keys if k not in self._compiled]
+        self._stats.shape_cache_misses += len(fresh)
+        self._stats.shape_cache_hits += len(keys) - len(fresh)
+        if not fresh:
+            return
+        started = time.perf_counter()
+        probe = _Session(self._graph, self.device, np.zeros((bucket, *self._image_shape), np.float32), rows, capacity)
+        probe.step(np.zeros(bucket * rows, np.int64), np.arange(bucket * rows, dtype=np.int32))
+        elapsed = time.perf_counter() - started
+        self._stats.compile_seconds += elapsed
+        self._stats.compiles += len(fresh)
+        self._compiled.update(fresh)
+        log.info("compiled TF captioner shapes %s in %.2f s", fresh, elapsed)
+
+    def _generate_bucket(self, pixels: np.ndarray, settings: SearchSettings) -> SearchResult:
         n = pixels.shape[0]
         bucket = batch_bucket(n)
         if bucket > n:  # pad with blank images; their rows are inactive in the search
             pixels = np.concatenate([pixels, np.zeros((bucket - n, *pixels.shape[1:]), np.float32)])
         active = np.arange(bucket) < n
         capacity = cache_capacity(settings.max_new_tokens, self._graph.n_positions)
-        rows = settings.rows_per_image
-        keys = [("encode", bucket), ("step", bucket, rows, capacity)]
         with self._lock:
-            fresh = [k for k in keys if k not in self._compiled]
-            self._stats.shape_cache_misses += len(fresh)
-            self._stats.shape_cache_hits += len(keys) - len(fresh)
-            started = time.perf_counter()
-            session = _Session(self._graph, self.device, pixels, rows, capacity)
-            if fresh:
-                # The first step traces (and with XLA compiles) the step; time it with the encoder.
-                probe = _Session(self._graph, self.device, pixels[:bucket], rows, capacity)
-                probe.step(np.zeros(bucket * rows, np.int64), np.arange(bucket * rows, dtype=np.int32))
-                self._stats.compile_seconds += time.perf_counter() - started
-                self._stats.compiles += len(fresh)
-                self._compiled.update(fresh)
-                log.info("compiled TF captioner shapes %s in %.2f s", fresh, time.perf_counter() - started)
-            if warm:
-                return None
+            self._ensure_compiled(bucket, settings)
+            session = _Session(self._graph, self.device, pixels, settings.rows_per_image, capacity)
             return run_search(session, settings, active)
