@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import requests
 
 from kafka_helpers import committed_offsets, consume_until, produce
 from worker_fixtures import (
@@ -20,7 +21,8 @@ from worker_fixtures import (
     worker_settings,
 )
 from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
-from workers.embedded import wait_until
+from workers import metrics
+from workers.embedded import free_port, wait_until
 from workers.kafkaclient import ensure_topics
 from workers.pipeline import Pipeline
 
@@ -53,6 +55,7 @@ def run_until_outcomes(settings, replicas, count: int, timeout: float = 90) -> t
 
 def test_every_request_gets_a_result_with_its_ids_keys_headers_and_coordinates(broker, s3_server, replicas):
     settings = worker_settings(broker.bootstrap_servers, s3_server)
+    metrics_port = metrics.serve_metrics(free_port())
     kafka = settings.kafka
     make_topics(kafka)
     n = 12
@@ -82,6 +85,9 @@ def test_every_request_gets_a_result_with_its_ids_keys_headers_and_coordinates(b
         i = int(body["id"].split("-")[1])
         assert r.key == (keys[i] or body["id"].encode())
         assert ("trace", f"t{i}".encode()) in list(r.headers)
+    metrics_text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    assert f'captioner_results_total{{topic="{kafka.output_topic}"}} {float(n)}' in metrics_text
+    assert "captioner_batch_size_count" in metrics_text and "captioner_stage_seconds_bucket" in metrics_text
     assert all(
         offset == max(m.offset for m in sent if m.partition == p) + 1
         for p, offset in committed_offsets(kafka.bootstrap_servers, kafka.group_id, kafka.input_topic).items()

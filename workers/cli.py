@@ -22,10 +22,23 @@ def _settings(config: Path | None, **overrides):
     from workers.config import ConfigError, load_settings
 
     try:
-        return load_settings(config, **{k: v for k, v in overrides.items() if v})
+        settings = load_settings(config, **{k: v for k, v in overrides.items() if v})
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
+    if settings.model.backend == "tf":
+        _tf_only_environment()
+    return settings
+
+
+def _tf_only_environment() -> None:
+    """A TF process must say so before transformers is imported, or transformers imports torch."""
+    import os
+
+    from workers.model.tf_backend import TF_ONLY_ENVIRONMENT
+
+    for name, value in TF_ONLY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 @app.command()

@@ -71,6 +71,7 @@ class CaptionReplica:
         self._caption_batch.set_max_batch_size(max_batch_size)
         self._caption_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self._gauges: dict[str, Any] | None = None
         # Load off the constructor so the replica answers health and readiness checks while a
         # large checkpoint is still being read: /readyz says "not yet" instead of timing out.
         threading.Thread(target=self._load, args=(s3,), name="model-load", daemon=True).start()
@@ -111,7 +112,9 @@ class CaptionReplica:
     async def _caption_batch(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
         self.batch_sizes.append(len(items))
         # Generation is CPU/GPU-bound; run it off the event loop so health checks stay answered.
-        return await asyncio.to_thread(self._run_groups, items)
+        answers = await asyncio.to_thread(self._run_groups, items)
+        self._export_backend_metrics()
+        return answers
 
     def _run_groups(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
         import time
@@ -153,7 +156,26 @@ class CaptionReplica:
         }
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes)}
+        """Batch sizes this replica ran, and its backend's counters (TF: compiles, shape cache)."""
+        backend_stats = getattr(getattr(self.model, "backend", None), "stats", None)
+        return {"batch_sizes": list(self.batch_sizes), "backend": backend_stats() if backend_stats else {}}
+
+    def _export_backend_metrics(self) -> None:
+        """Backend counters as Ray metrics (scraped from each node's metrics agent, port 8080):
+        replicas live in their own processes, out of reach of the driver's /metrics."""
+        backend_stats = getattr(getattr(self.model, "backend", None), "stats", None)
+        if backend_stats is None:
+            return
+        if self._gauges is None:
+            from ray.util.metrics import Gauge
+
+            self._gauges = {
+                name: Gauge(f"captioner_backend_{name}", f"backend counter {name} of this replica")
+                for name in backend_stats()
+            }
+        for name, value in backend_stats().items():
+            if name in self._gauges:
+                self._gauges[name].set(float(value))
 
 
 def _cuda_available() -> bool:
@@ -167,10 +189,13 @@ def _cuda_available() -> bool:
 
 def replica_app(model: ModelConfig, s3: S3Config | None, replicas: ReplicasConfig) -> serve.Application:
     """The bound replica deployment, sized and placed from config."""
-    options: dict[str, Any] = {
-        "ray_actor_options": {"num_gpus": replicas.num_gpus, "num_cpus": replicas.num_cpus},
-        "max_ongoing_requests": replicas.ongoing_requests,
-    }
+    actor_options: dict[str, Any] = {"num_gpus": replicas.num_gpus, "num_cpus": replicas.num_cpus}
+    if model.backend == "tf":
+        from workers.model.tf_backend import TF_ONLY_ENVIRONMENT
+
+        # Before transformers is imported in the replica, or it imports torch too.
+        actor_options["runtime_env"] = {"env_vars": dict(TF_ONLY_ENVIRONMENT)}
+    options: dict[str, Any] = {"ray_actor_options": actor_options, "max_ongoing_requests": replicas.ongoing_requests}
     if replicas.autoscaling is not None:
         options["autoscaling_config"] = replicas.autoscaling.model_dump()
     else:

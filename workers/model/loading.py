@@ -205,6 +205,7 @@ def download_s3_model(uri: str, cache_dir: Path, s3_cfg: S3Config | None) -> Pat
 
 def _publish(staging: Path, target: Path, marker: str) -> None:
     """Move a finished directory into place atomically; a concurrent winner is kept."""
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by users
     if target.exists():  # another process won, or a leftover without its completion marker
         if (target / marker).is_file():
             shutil.rmtree(staging, ignore_errors=True)
@@ -237,7 +238,7 @@ def _cached_tiny_random(cache_dir: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_random(path: Path, seed: int = 0) -> Path:
-    """A tiny untrained ViT-GPT2 (2 layers, width 32, 32×32 images, ~100-token vocabulary),
+    """A tiny untrained ViT-GPT2 (2 layers, width 32, 32×32 images, 256-token vocabulary),
     its tokenizer and preprocessor config, saved to `path` with the untrained marker."""
     vocab = list(dict.fromkeys(_TINY_WORDS))
     vocab += [f"w{i}" for i in range(255 - len(vocab))]  # 255 words + end-of-text = 256 tokens

@@ -12,7 +12,22 @@ from transformers import VisionEncoderDecoderModel
 from workers.model.backend import Generated
 from workers.model.params import GenerationParams
 
-log = logging.getLogger(__name__)
+
+class _DropPaddedTextWarnings(logging.Filter):
+    """transformers warns that an attention mask "cannot be inferred" because pad = eos (true of
+    the reference checkpoint too). That is about padded TEXT inputs; ours are pixels, never
+    padded, and every decoder row starts from the same single start token. Dropping just these
+    messages keeps the worker's log for warnings that mean something."""
+
+    MESSAGES = ("cannot be inferred from input because pad token is same as eos", "your input_ids may be padded")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(m in message for m in self.MESSAGES)
+
+
+for _logger in ("transformers.generation.utils", "transformers.modeling_utils"):
+    logging.getLogger(_logger).addFilter(_DropPaddedTextWarnings())
 
 
 def pick_device(device: str | None) -> torch.device:
