@@ -40,11 +40,12 @@ def _expected_captions(model, params: GenerationParams) -> dict[str, list[str]]:
     return {p.name: out.captions for p, out in zip(SAMPLE_FILES, model.caption(pixels, params), strict=True)}
 
 
-def _invoke(args: list[str], cache_dir: Path):
+def _invoke(args: list[str], cache_dir: Path, exit_code: int = 1):
+    """Run the CLI; the folders here hold bad files, so exit code 1 (some images failed) is expected."""
     runner = CliRunner()
     # A wide terminal so rich prints every cell on one line (Spark's show(truncate=False)).
     result = runner.invoke(app, args, env={"CAPTIONER_MODEL__CACHE_DIR": str(cache_dir), "COLUMNS": "200"})
-    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.exit_code == exit_code, (result.output, result.exception)
     return result.output
 
 
@@ -130,3 +131,8 @@ def test_s3_prefix_input(tmp_path: Path, tiny_cache_dir: Path, tiny_model, s3_se
         assert rows[path.name]["caption"] == expected[path.name][0]
     assert rows["sub/empty.jpg"]["error"].startswith("invalid_image: ")
     assert rows["zz-" + big.name]["error"].startswith("object_too_large: ")
+
+
+def test_caption_command_exits_zero_when_every_image_is_captioned(tiny_cache_dir: Path) -> None:
+    output = _invoke(["caption", str(SAMPLE_FILES[0]), "--model", "tiny-random"], tiny_cache_dir, exit_code=0)
+    assert "1 captioned, 0 failed" in output

@@ -61,7 +61,9 @@ def caption(
     seed: Annotated[Optional[int], typer.Option()] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="results.jsonl or results.csv")] = None,
 ) -> None:
-    """Caption images offline (the seed's own use): a table of image_name | caption."""
+    """Caption images offline (the seed's own use): a table of image_name | caption.
+
+    Exit code 0 when every image was captioned, 1 when some could not be (each is reported)."""
     from workers import offline
 
     generation = {
@@ -83,7 +85,9 @@ def caption(
     }
     model_over = {k: v for k, v in dict(source=model, backend=backend).items() if v is not None}
     settings = _settings(config, model=model_over, generation=generation)
-    offline.run(settings, inputs, batch_size=batch_size, output=output)
+    failed = offline.run(settings, inputs, batch_size=batch_size, output=output)
+    # Every image is reported either way; the exit code lets a script notice the failures.
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()
