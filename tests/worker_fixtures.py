@@ -25,7 +25,8 @@ from workers.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_TMP = Path(os.environ.get("CAPTIONER_TEST_RAY_TMP", REPO / ".tmp" / "ray"))
+# Short on purpose: Ray's unix sockets live below it, and AF_UNIX paths stop at 107 bytes.
+RAY_TMP = Path(os.environ.get("CAPTIONER_TEST_RAY_TMP", f"/tmp/captioner-test-ray-{os.getuid()}"))
 MODEL_CACHE = REPO / ".tmp" / "models"
 BUCKET = "images"
 

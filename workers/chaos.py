@@ -651,6 +651,8 @@ class Collector(threading.Thread):
         self.seen: set[tuple[str, int, int]] = set()
         self.markers: set[str] = set()
         self.records_scanned = 0
+        self.rereads = 0  # outcome records read twice (a position reset); counted once
+        self._read: set[tuple[str, int]] = set()
         self.leaks: list[str] = []
         self.error: BaseException | None = None
         self._halt = threading.Event()
@@ -662,9 +664,13 @@ class Collector(threading.Thread):
         from workers.kafkaclient import client_kwargs
 
         kafka = self.settings.kafka
+        # earliest, not kafka-python's default latest: should the broker answer "offset out of
+        # range" after a restart (FIELD-NOTES: its end offsets are wrong), a reset to the end
+        # would skip outcomes; a reset to the start only re-reads them, and `_take` drops those.
         consumer = KafkaConsumer(
-            enable_auto_commit=False, group_id=None, max_partition_fetch_bytes=4 * 1024 * 1024, **client_kwargs(kafka)
-        )
+            enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024, **client_kwargs(kafka),
+        )  # fmt: skip
         try:
             # Both topics have one partition (created so): the end marker orders after everything.
             consumer.assign([TopicPartition(kafka.output_topic, 0), TopicPartition(kafka.dead_letter_topic, 0)])
@@ -680,6 +686,10 @@ class Collector(threading.Thread):
             consumer.close()
 
     def _take(self, record: Any) -> None:
+        if (record.topic, record.offset) in self._read:
+            self.rereads += 1
+            return
+        self._read.add((record.topic, record.offset))
         if record.key == END_MARKER_KEY:
             with self._lock:
                 self.markers.add(record.topic)
@@ -1065,6 +1075,7 @@ def _run(
         **{f"s3_{k}": v for k, v in sorted(proxy_counts.items())},
         **{f"s3_error_{k}": v for k, v in sorted(error_statuses.items())},
         "feeder_resends": feeder.resends,
+        "collector_rereads": collector.rereads,
     }
     for problem in (feeder.error, collector.error):
         if problem is not None:
@@ -1138,7 +1149,7 @@ def evaluate(
     poison_kinds = {c.kind for c in cases if c.expected != RESULT}
     worker_peak_mb = peak_rss_mb.get("consumer_workers_largest_process", 0.0)
     checks = [
-        Check("no request lost", not lost, f"{len(lost)} lost" + (f": {lost[:5]}" if lost else "")),
+        Check("no request lost", not lost, f"{len(lost)} lost" + (f": {_lost_summary(lost, cases, feeder)}" if lost else "")),
         Check("no stray outcomes", not stray, f"{len(stray)} outcome(s) for coordinates never produced"),
         Check("every outcome has the expected code", not wrong, "; ".join(wrong[:5]) or "all match"),
         Check(
@@ -1200,6 +1211,20 @@ def evaluate(
         wall_time_s=round(wall_time_s, 1),
         checks=checks,
     )
+
+
+def _lost_summary(lost: list[Any], cases: list[Case], feeder: Feeder) -> str:
+    """Where the lost requests sit: per partition, the offset range and their kinds."""
+    spans: dict[int, list[int]] = defaultdict(list)
+    kinds: Counter[str] = Counter()
+    for item in lost:
+        if isinstance(item, tuple):
+            spans[item[1]].append(item[2])
+            kinds[cases[feeder.coordinates[item]].kind] += 1
+        else:
+            kinds["never produced"] += 1
+    where = {p: f"{min(o)}..{max(o)} ({len(o)})" for p, o in sorted(spans.items())}
+    return f"by partition {where}; kinds {dict(kinds.most_common(5))}"
 
 
 def _message(outcome: Outcome) -> str:

@@ -21,6 +21,30 @@ RECORD_OVERHEAD_BYTES = 64 * 1024
 KAFKA_PYTHON_DEFAULT_MAX_REQUEST = 1024 * 1024
 KAFKA_PYTHON_DEFAULT_FETCH_MAX = 50 * 1024 * 1024
 
+# kafka-python (3.0.12) logs every request and response at DEBUG with its repr, and a SASL PLAIN
+# authenticate request's repr is the credentials in clear:
+# "SaslAuthenticateRequest(auth_bytes=b'user\x00user\x00password')". These are the loggers that
+# print requests; their SASL payloads are redacted before any handler sees them.
+_KAFKA_REQUEST_LOGGERS = ("kafka.net.connection", "kafka.protocol.parser")
+_SASL_PAYLOAD_TYPES = frozenset(
+    {"SaslAuthenticateRequest", "SaslAuthenticateResponse", "SaslBytesRequest", "SaslBytesResponse"}
+)
+
+
+class _RedactSaslPayloads(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(type(a).__name__ in _SASL_PAYLOAD_TYPES for a in record.args):
+            record.args = tuple(
+                f"{type(a).__name__}(auth_bytes=<redacted>)" if type(a).__name__ in _SASL_PAYLOAD_TYPES else a
+                for a in record.args
+            )
+        return True
+
+
+_SASL_REDACTION = _RedactSaslPayloads()
+for _name in _KAFKA_REQUEST_LOGGERS:
+    logging.getLogger(_name).addFilter(_SASL_REDACTION)  # idempotent: addFilter skips duplicates
+
 
 def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
     """Connection and security kwargs valid for KafkaConsumer, KafkaProducer and KafkaAdminClient."""
