@@ -107,28 +107,6 @@ def tls_kafka(tls: TlsTerminator, pki: dict[str, Any], **overrides: Any) -> Kafk
     )
 
 
-def read_outcomes(kafka: KafkaConfig, count: int, *, timeout: float = 60) -> tuple[list[Any], list[Any]]:
-    """Results and dead letters (from the earliest offset), connecting the way `kafka` says (TLS)."""
-    topics = (kafka.output_topic, kafka.dead_letter_topic)
-    consumer = KafkaConsumer(**client_kwargs(kafka), enable_auto_commit=False, auto_offset_reset="earliest")
-    got: dict[str, list[Any]] = {t: [] for t in topics}
-    try:
-        wait_until(lambda: all(consumer.partitions_for_topic(t) for t in topics), timeout_s=30, what="topics")
-        consumer.assign([TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)])
-        consumer.seek_to_beginning()
-
-        def enough() -> bool:
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    got[r.topic].append(r)
-            return sum(len(v) for v in got.values()) >= count
-
-        wait_until(enough, timeout_s=timeout, interval_s=0, what=f"{count} outcomes over TLS")
-    finally:
-        consumer.close()
-    return got[kafka.output_topic], got[kafka.dead_letter_topic]
-
-
 def assert_no_secret(secrets: dict[str, str], **places: str) -> None:
     for place, text in places.items():
         for name, secret in secrets.items():
@@ -258,7 +236,7 @@ def test_pipeline_over_tls_requests_in_results_out(
 
     pipeline = Pipeline(settings, replicas).start()
     try:
-        results, dead = read_outcomes(kafka, len(uris))
+        results, dead = collect_outcomes(kafka, len(uris))
     finally:
         pipeline.stop()
 

@@ -121,14 +121,16 @@ def outcomes_by_offset(records: list[Any]) -> dict[tuple[int, int], dict[str, An
 
 
 def collect_outcomes(kafka: Any, count: int, *, timeout: float = 60) -> tuple[list[Any], list[Any]]:
-    """Read results and dead letters (from the earliest offset) until `count` arrived in all."""
+    """Read results and dead letters (from the earliest offset) until `count` arrived in all,
+    connecting the way `kafka` says (TLS included)."""
     from kafka import KafkaConsumer, TopicPartition
 
     from workers.embedded import wait_until
+    from workers.kafkaclient import client_kwargs
 
     topics = (kafka.output_topic, kafka.dead_letter_topic)
-    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False,
-                             auto_offset_reset="earliest", group_id=None)
+    consumer = KafkaConsumer(**client_kwargs(kafka), enable_auto_commit=False, auto_offset_reset="earliest",
+                             group_id=None)
     got: dict[str, list[Any]] = {t: [] for t in topics}
     try:
         wait_until(lambda: all(consumer.partitions_for_topic(t) for t in topics), timeout_s=30, what="topics")

@@ -282,7 +282,7 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
         ("decompression_bomb", "image_too_large", lambda: req(put("chaos/bomb.png", bomb_png()))),
         ("100_megapixels", "image_too_large", lambda: req(put("chaos/100mp.jpg", jpeg_declaring(10_000, 10_000)))),
     ]
-    put(f"secret.png", _png(8, 8, rng), bucket=PRIVATE_BUCKET)
+    put("secret.png", _png(8, 8, rng), bucket=PRIVATE_BUCKET)
     awkward = awkward_images()
     awkward_uris = {kind: put(f"chaos/{kind}.img", data) for kind, (data, _) in awkward.items()}
 
@@ -312,7 +312,7 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
     for n, case in enumerate(cases):
         case_id = f"chaos-{run_id}-{n}"
         value = case.value
-        if value is not None and case.expected == RESULT or case.kind in _ID_IN_BODY:
+        if value is not None and (case.expected == RESULT or case.kind in _ID_IN_BODY):
             body = json.loads(value)  # type: ignore[arg-type]
             value = json.dumps({"id": case_id, **body}).encode()
         out.append(Case(case.kind, case.expected, value, case_id, case.size))
@@ -883,15 +883,14 @@ class _Fault:
 
 
 def fault_schedule(opts: ChaosOptions) -> list[_Fault]:
-    """Faults interleaved and spread over 15–80 % of the stream (so each lands mid-stream)."""
-    kinds = (
-        ["replica_kill"] * opts.kill_replicas
-        + ["consumer_kill"] * opts.kill_consumers
-        + ["broker_restart"] * opts.broker_restarts
-    )
-    order = sorted(range(len(kinds)), key=lambda i: (i % max(1, max(opts.kill_replicas, opts.kill_consumers, opts.broker_restarts)), i))
-    n = len(kinds)
-    return [_Fault(0.15 + 0.65 * (j + 0.5) / n, kinds[i]) for j, i in enumerate(order)]
+    """Faults round-robin by kind, spread over 15–80 % of the stream (so each lands mid-stream)."""
+    queues = [
+        ["replica_kill"] * opts.kill_replicas,
+        ["consumer_kill"] * opts.kill_consumers,
+        ["broker_restart"] * opts.broker_restarts,
+    ]
+    kinds = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+    return [_Fault(0.15 + 0.65 * (j + 0.5) / len(kinds), kind) for j, kind in enumerate(kinds)]
 
 
 def run_chaos(opts: ChaosOptions, command: str = "") -> ChaosReport:

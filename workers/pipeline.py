@@ -98,10 +98,20 @@ class Pipeline:
     def start(self) -> Pipeline:
         self._loop_thread.start()
         for source in self.sources:
-            t = threading.Thread(target=source.run, args=(self._stop,), name=source.name, daemon=True)
+            t = threading.Thread(target=self._run_source, args=(source,), name=source.name, daemon=True)
             t.start()
             self._source_threads.append(t)
         return self
+
+    def _run_source(self, source: KafkaSource) -> None:
+        """A poll loop that dies stops the worker as failed (exit 1, so a supervisor restarts it):
+        a live process whose consumer is gone would hold no partitions and do nothing, silently."""
+        try:
+            source.run(self._stop)
+        except Exception:
+            log.exception("%s: poll loop died; stopping the worker", source.name)
+            self.failed.set()
+            self._stop.set()
 
     def wait_started(self, timeout: float = 30) -> None:
         for source in self.sources:

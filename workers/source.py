@@ -165,12 +165,43 @@ class KafkaSource:
     def on_revoked(self, revoked: set[TopicPartition]) -> None:
         metrics.REBALANCES.labels("revoked").inc(len(revoked))
         consumer = self._consumer
-        # Outcomes are acknowledged on other threads; give them a bounded chance to land.
-        self.tracker.wait_settled(revoked, timeout=self.worker.revoke_grace_s)
-        if consumer is not None:
-            self._commit(consumer, only=set(revoked))
-        self.tracker.forget(revoked)
-        self.assignment -= set(revoked)
+        try:
+            # Outcomes are acknowledged on other threads; give them a bounded chance to land.
+            self.tracker.wait_settled(revoked, timeout=self.worker.revoke_grace_s)
+            if consumer is not None:
+                self._commit_revoked(consumer, set(revoked))
+        except Exception:
+            # An exception escaping a listener makes kafka-python's poll() raise, which would end
+            # this loop; a failed revoke commit only means redelivery (at-least-once).
+            log.exception("%s: on_revoked failed; the new owner will redeliver", self.name)
+        finally:
+            self.tracker.forget(revoked)
+            self.assignment -= set(revoked)
+
+    def _commit_revoked(self, consumer: KafkaConsumer, revoked: set[TopicPartition]) -> None:
+        """Commit the revoked partitions' watermarks WITHOUT blocking.
+
+        kafka-python 3.x runs rebalance listeners on its IO thread, where the blocking
+        `consumer.commit()` raises RuntimeError("Cannot block on net.run() from the IO thread
+        itself"); that surfaced as KafkaError("User rebalance callback throws an error") from
+        poll() and killed the poll loop (found by `captioner chaos`: consumers died silently
+        after a rebalance with finished-but-uncommitted records). `commit_async` only queues the
+        request on that loop. If it does not land, the partition's new owner redelivers from
+        the previous commit: duplicates, never loss.
+        """
+        offsets = {tp: o for tp, o in self.tracker.to_commit().items() if tp in revoked}
+        if not offsets:
+            return
+
+        def on_commit(_offsets: object, response: object) -> None:
+            if isinstance(response, BaseException):
+                metrics.COMMITS.labels("failed").inc()
+                log.warning("%s: commit on revoke failed (%s); records will be redelivered",
+                            self.name, type(response).__name__)
+            else:
+                metrics.COMMITS.labels("ok").inc()
+
+        consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, callback=on_commit)
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         metrics.REBALANCES.labels("assigned").inc(len(assigned))
