@@ -108,11 +108,11 @@ class KafkaSource:
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=max(free, 1))
                 for tp, records in batch.items():
                     for record in records:
-                        metrics.CONSUMED.labels(record.topic).inc()
                         if not self.window.try_acquire():
                             # Full: rewind so this record is read again after resume.
                             consumer.seek(tp, record.offset)
                             break
+                        metrics.CONSUMED.labels(record.topic).inc()
                         self.tracker.started(tp, record.offset)
                         self.handle(self, record)
                 if time.monotonic() - last_commit >= self.kafka.commit_interval_s:
