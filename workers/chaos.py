@@ -641,7 +641,14 @@ class Outcome:
 
 
 class Collector(threading.Thread):
-    """Reads the results and dead-letter topics from the start (no group), scanning each record."""
+    """Reads the results and dead-letter topics from the start (no group) up to the end markers,
+    scanning each record for secrets.
+
+    Started only after the workers stopped and the markers were produced: a reader that tailed
+    the results topic across a broker restart stopped receiving records in a 10,000-request run
+    (the records were there: a fresh reader from offset 0 read them all), so the run's progress
+    comes from committed offsets (`CommitProgress`) and the outcomes from this fresh read.
+    """
 
     def __init__(self, settings: Settings, secrets_to_find: list[str]):
         super().__init__(name="chaos-collector", daemon=True)
@@ -675,7 +682,7 @@ class Collector(threading.Thread):
             # Both topics have one partition (created so): the end marker orders after everything.
             consumer.assign([TopicPartition(kafka.output_topic, 0), TopicPartition(kafka.dead_letter_topic, 0)])
             consumer.seek_to_beginning()
-            while not self._halt.is_set():
+            while not self._halt.is_set() and len(self.markers) < 2:
                 for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
                         self._take(record)
@@ -708,17 +715,57 @@ class Collector(threading.Thread):
             if coordinate is not None:
                 self.seen.add(coordinate)
 
-    def progress(self) -> int:
-        with self._lock:
-            return len(self.seen)
-
-    def has_all(self, coordinates: set[tuple[str, int, int]]) -> bool:
-        with self._lock:
-            return coordinates <= self.seen
-
     def stop(self) -> None:
         self._halt.set()
         self.join(30)
+
+
+class CommitProgress:
+    """Requests finished so far per input partition: the group's committed offsets.
+
+    A commit means every earlier offset of the partition has an acknowledged outcome, and the
+    broker keeps commits right across restarts (FIELD-NOTES; its end offsets it does not).
+    Thread-safe (the feeder and the main thread both ask); asks the broker at most twice a second.
+    """
+
+    def __init__(self, settings: Settings, partitions: int):
+        from kafka import KafkaConsumer, TopicPartition
+
+        from workers.kafkaclient import client_kwargs
+
+        kafka = settings.kafka
+        self._consumer = KafkaConsumer(group_id=kafka.group_id, enable_auto_commit=False, **client_kwargs(kafka))
+        self._tps = [TopicPartition(kafka.input_topic, p) for p in range(partitions)]
+        self._lock = threading.Lock()
+        self._last: dict[int, int] = {}
+        self._asked = 0.0
+
+    def committed(self) -> dict[int, int]:
+        from kafka.errors import KafkaError
+
+        with self._lock:
+            if time.monotonic() - self._asked >= 0.5:
+                try:
+                    self._last = {tp.partition: self._consumer.committed(tp, timeout_ms=5000) or 0 for tp in self._tps}
+                except KafkaError as e:  # the broker is restarting: keep the last answer
+                    log.debug("committed offsets unavailable: %s", type(e).__name__)
+                self._asked = time.monotonic()
+            return dict(self._last)
+
+    def done(self) -> int:
+        return sum(self.committed().values())
+
+    def covers(self, produced: dict[tuple[str, int, int], int]) -> bool:
+        """Whether every produced offset is below its partition's commit."""
+        committed = self.committed()
+        ends: dict[int, int] = {}
+        for _topic, partition, offset in list(produced):
+            ends[partition] = max(ends.get(partition, -1), offset)
+        return all(committed.get(p, 0) > end for p, end in ends.items())
+
+    def close(self) -> None:
+        with self._lock:
+            self._consumer.close()
 
 
 def produce_end_markers(settings: Settings) -> None:
@@ -990,10 +1037,9 @@ def _run(
         w.wait_ready()
     proxy.set_plan(plan)  # faults from here on: the uploads above went straight to S3
 
-    collector = Collector(settings, secrets_to_find)
-    collector.start()
-    stack.callback(collector.stop)
-    feeder = Feeder(settings, corpus.cases, collector.progress, lead=max(100, 4 * opts.max_in_flight * opts.consumers))
+    progress = CommitProgress(settings, opts.partitions)
+    stack.callback(progress.close)
+    feeder = Feeder(settings, corpus.cases, progress.done, lead=max(100, 4 * opts.max_in_flight * opts.consumers))
     feeder.start()
     stack.callback(feeder.stop)
 
@@ -1018,11 +1064,11 @@ def _run(
                 proxy.set_plan(FaultPlan(**{**asdict(plan), "error_status": 500}))
                 half_flipped = True
             wait_until(
-                lambda: check_workers() or collector.progress() >= fault.at * total,
+                lambda: check_workers() or progress.done() >= fault.at * total,
                 timeout_s=max(1.0, deadline - time.monotonic()), interval_s=0.1,
                 what=f"{fault.at:.0%} of outcomes before {fault.kind}",
             )  # fmt: skip
-            log.info("chaos: injecting %s at %d/%d outcomes", fault.kind, collector.progress(), total)
+            log.info("chaos: injecting %s at %d/%d committed", fault.kind, progress.done(), total)
             if fault.kind == "replica_kill":
                 killed_replicas.append(kill_one_replica(app_name, rng))
             elif fault.kind == "consumer_kill":
@@ -1035,8 +1081,8 @@ def _run(
         if not half_flipped:
             proxy.set_plan(FaultPlan(**{**asdict(plan), "error_status": 500}))
         wait_until(
-            lambda: check_workers() or (feeder.done.is_set() and collector.has_all(set(feeder.coordinates))),
-            timeout_s=max(1.0, deadline - time.monotonic()), interval_s=0.1, what="an outcome for every request",
+            lambda: check_workers() or (feeder.done.is_set() and progress.covers(feeder.coordinates)),
+            timeout_s=max(1.0, deadline - time.monotonic()), interval_s=0.1, what="every request committed",
         )  # fmt: skip
         for w in workers:
             if not w.killed:
@@ -1057,9 +1103,11 @@ def _run(
         code = w.terminate(timeout_s=90)
         if code not in (0, None) and not w.killed:
             unexpected_exits.append(f"{w.name}: exit code {code} on SIGTERM")
+    collector = Collector(settings, secrets_to_find)
     try:
         produce_end_markers(settings)
-        wait_until(lambda: len(collector.markers) == 2, timeout_s=120, interval_s=0.1, what="end markers read back")
+        collector.start()
+        wait_until(lambda: len(collector.markers) == 2, timeout_s=180, interval_s=0.1, what="end markers read back")
     except (TimeoutError, RuntimeError) as e:
         unexpected_exits.append(f"collector: {e}")
     collector.stop()
