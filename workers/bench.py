@@ -177,3 +177,23 @@ def _report(console: Console, measurements: list[Measurement], model: str, round
         console.print(
             f"{name}: batch {largest.batch_size} / naive pipeline = {ratio:.2f}× ({verdict} the {TARGET_RATIO}× target)"
         )
+    _report_tf_vs_torch(console, measurements)
+    # Peak resident memory of this process (both backends' weights when both ran).
+    import resource
+
+    console.print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+TF_TARGET_RATIO = 0.9
+
+
+def _report_tf_vs_torch(console: Console, measurements: list[Measurement]) -> None:
+    """With --backend both: TF images/s over PyTorch's at each batch size, same run, same weights."""
+    by = {(m.backend, m.batch_size): m for m in measurements if not m.how.startswith("naive")}
+    for (backend, batch), tf in sorted(by.items(), key=lambda kv: kv[0][1]):
+        torch_m = by.get(("torch", batch))
+        if backend != "tf" or torch_m is None:
+            continue
+        ratio = tf.images_per_s / torch_m.images_per_s
+        verdict = "meets" if ratio >= TF_TARGET_RATIO else "BELOW"
+        console.print(f"batch {batch}: tf / torch = {ratio:.2f}× ({verdict} the {TF_TARGET_RATIO}× target)")
