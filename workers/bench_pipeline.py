@@ -44,7 +44,9 @@ def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="captioner-bench-pipeline-") as tmp:
         model_dir = _model_dir(model, Path(tmp), console)
         spec_size = _input_size(model_dir)
-        images = [_png(i, spec_size) for i in range(batch * (rounds + 1))]
+        # Throughput is timed over `rounds` × 2 full batches: enough for batches to fill the way
+        # they do under sustained load, not only the first partial one.
+        images = [_png(i, spec_size) for i in range(batch * (2 * rounds + 1))]
         bare = _bare(model_dir, backend, batch, images, rounds, console)
         gc.collect()
         piped = _pipeline(model_dir, backend, batch, images, rounds, console)
@@ -114,7 +116,9 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
     settings: Settings = load_settings(
         model=ModelConfig(source=str(model_dir), backend=backend).model_dump(),
         generation=PARAMS.model_dump(),
-        replicas=ReplicasConfig(num_replicas=1, num_cpus=0, max_batch_size=batch, batch_wait_timeout_s=0.05).model_dump(),
+        # The replica reserves every core, as the bare model uses them all (torch threads follow
+        # the reservation); the default batch wait, so light-load latency is what users get.
+        replicas=ReplicasConfig(num_replicas=1, num_cpus=os.cpu_count() or 1, max_batch_size=batch).model_dump(),
         worker=WorkerConfig(max_in_flight=4 * batch, cache_size=0).model_dump(),
         metrics={"port": 0},
         ray={"temp_dir": str(Path(tempfile.gettempdir()) / "captioner-bench-ray"), "num_cpus": os.cpu_count() or 2},
@@ -129,9 +133,11 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
             uris.append(f"s3://{bucket}/bench/{i}.png")
         producer = KafkaProducer(**producer_kwargs(kafka, resolved.limits))
         consumer = KafkaConsumer(kafka.output_topic, kafka.dead_letter_topic, auto_offset_reset="earliest",
-                                 enable_auto_commit=False, **client_kwargs(kafka))
+                                 enable_auto_commit=False, fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+                                 **client_kwargs(kafka))
         pipeline = Pipeline(resolved, replicas).start()
         seen: dict[str, float] = {}
+        stage_ms: dict[str, list[float]] = {}
 
         def send(ids: list[str]) -> float:
             start = time.perf_counter()
@@ -151,15 +157,19 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
                         if "error" in body:
                             raise RuntimeError(f"bench request failed: {body['error']}")
                         seen[body["id"]] = time.perf_counter()
+                        if body["id"].startswith("one-"):
+                            for stage, ms in body["timings_ms"].items():
+                                stage_ms.setdefault(stage, []).append(ms)
 
         try:
             warm = [f"warm-{i}" for i in range(batch)]
             send(warm)
             wait_for(warm)
-            timed = [f"run-{i}" for i in range(batch, batch * (rounds + 1))]
+            timed = [f"run-{i}" for i in range(batch, len(images))]
             start = send(timed)
             wait_for(timed)
             throughput = len(timed) / (max(seen[r] for r in timed) - start)
+            batch_sizes = replicas.stats.remote().result()["batch_sizes"]
             latencies = []
             for i in range(max(5, rounds * 2)):
                 rid = f"one-{i % len(images)}"
@@ -176,6 +186,8 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
         "images_per_s": throughput,
         "p50_ms": statistics.median(latencies),
         "p95_ms": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+        "stages_ms": {stage: statistics.median(values) for stage, values in stage_ms.items()},
+        "batch_sizes": batch_sizes,
     }
 
 
@@ -191,5 +203,8 @@ def _report(console: Console, model: str, backend: str, batch: int, bare: dict[s
                   f"{piped['p50_ms']:.0f} ms", f"{delta:+.0f} ms", f"≤ +{LATENCY_TARGET_MS:.0f} ms")
     table.add_row("latency p95 (light load)", "", f"{piped['p95_ms']:.0f} ms", "", "")
     console.print(table)
+    stages = ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in piped["stages_ms"].items())
+    console.print(f"light load, median per stage inside the worker: {stages}")
+    console.print(f"batch sizes the replica ran (warm-up and throughput): {piped['batch_sizes']}")
     if model == TINY_RANDOM:
         console.print("[yellow]tiny-random: a smoke run; the figures that count come from --model full[/]")

@@ -98,6 +98,11 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(2_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     poll_timeout_ms: int = Field(200, ge=1)
+    fetch_max_wait_ms: int = Field(
+        50, ge=0,
+        description="how long the broker may hold a fetch with no data; Tansu answers a held "
+        "fetch late when records arrive, so a low value is what keeps light-load latency low",
+    )
     commit_interval_s: float = Field(1.0, gt=0)
     # TLS / SASL. Secrets come from the environment (CAPTIONER_KAFKA__SASL_PASSWORD), never YAML.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -189,7 +194,11 @@ class ReplicasConfig(_Section):
     num_gpus: float = Field(0, ge=0, description="per replica; fractions pack replicas on a GPU")
     num_cpus: float = Field(1, ge=0)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0,
+        description="how long a batch waits to fill, on the replica and, while a call is in "
+        "flight, in the worker's micro-batcher; an idle worker sends at once",
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="default: 2 × max_batch_size, so full batches can form"
     )

@@ -93,6 +93,7 @@ def consumer_kwargs(cfg: KafkaConfig, limits: LimitsConfig) -> dict[str, Any]:
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
     }
 
 

@@ -41,7 +41,7 @@ from workers.contract import (
     run_stage,
 )
 from workers.fetch import Fetcher, make_s3_client
-from workers.replicas import ReplicaAnswer
+from workers.replicas import InferenceError, ReplicaAnswer, ReplicaCallFailed, ReplicaClient
 from workers.sink import Sink
 from workers.source import InFlightWindow, KafkaSource
 
@@ -90,6 +90,13 @@ class Pipeline:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(worker.fetch_concurrency, thread_name_prefix=f"{name}-work")
         self._loop = asyncio.new_event_loop()
+        self.replica_client = ReplicaClient(
+            replicas,
+            max_batch_size=settings.replicas.max_batch_size,
+            wait_s=settings.replicas.batch_wait_timeout_s,
+            attempts=worker.inference_attempts,
+            on_retry=self._on_inference_retry,
+        )
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"{name}-infer", daemon=True)
         self._source_threads: list[threading.Thread] = []
 
@@ -131,6 +138,7 @@ class Pipeline:
             t.join()
         self.sink.flush(timeout=self.settings.worker.drain_timeout_s)
         self._pool.shutdown(wait=True)
+        asyncio.run_coroutine_threadsafe(self.replica_client.close(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5)
         self.sink.close()
@@ -201,20 +209,14 @@ class Pipeline:
 
     async def _infer(self, job: _Job, pixels: Any) -> ReplicaAnswer:
         assert job.request is not None
-        attempts = self.settings.worker.inference_attempts
         start = time.perf_counter()
-        for attempt in range(1, attempts + 1):
-            try:
-                answer: ReplicaAnswer = await self.replicas.caption.remote(pixels, job.request.params)
-                job.timings_ms["inference"] = answer.inference_ms
-                job.timings_ms["queue"] = max(0.0, (time.perf_counter() - start) * 1000 - answer.inference_ms)
-                return answer
-            except Exception as e:  # replica died, or the model raised
-                if attempt == attempts:
-                    raise Rejected(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {_first_line(e)}") from None
-                metrics.INFERENCE_RETRIES.inc()
-                log.warning("inference attempt %d failed (%s); retrying", attempt, type(e).__name__)
-        raise AssertionError("unreachable")
+        try:
+            answer = await self.replica_client.caption(pixels, job.request.params)
+        except (InferenceError, ReplicaCallFailed) as e:
+            raise Rejected(ErrorCode.INFERENCE_FAILED, str(e)) from None
+        job.timings_ms["inference"] = answer.inference_ms
+        job.timings_ms["queue"] = max(0.0, (time.perf_counter() - start) * 1000 - answer.inference_ms)
+        return answer
 
     def _after_inference(self, job: _Job, key: Any, prepared: images.Prepared, future: Any) -> None:
         try:
@@ -230,6 +232,11 @@ class Pipeline:
         value = CachedCaption(answer.captions, answer.scores, prepared.width, prepared.height)
         self.cache.put(key, value)
         self._publish_result(job, value, cached=False)
+
+    @staticmethod
+    def _on_inference_retry(attempt: int, error: BaseException) -> None:
+        metrics.INFERENCE_RETRIES.inc()
+        log.warning("replica call attempt %d failed (%s); retrying", attempt, type(error).__name__)
 
     # -- outcomes -----------------------------------------------------------------------------
 

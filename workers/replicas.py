@@ -1,7 +1,8 @@
 """Model replicas: a Ray Serve deployment holding one CaptionModel each, batching with @serve.batch.
 
-Semantics (see ray/serve/batching.py): concurrent `caption` calls on one replica are queued and
-handed to `_caption_batch` as one list once `max_batch_size` calls are waiting or
+Semantics (see ray/serve/batching.py): concurrent calls on one replica are queued and handed to
+`_caption_batch` as one list once they hold `max_batch_size` images (`batch_size_fn` counts
+images, not calls: `caption` brings one, `caption_many` — the pipeline's micro-batches — many) or
 `batch_wait_timeout_s` has passed since the first. `max_ongoing_requests` must be at least the
 batch size or batches can never fill (we default it to twice the batch size, so the next batch
 queues while one generates). Requests in one batch with different params are run as one
@@ -44,6 +45,11 @@ class ReplicaAnswer:
     error: str | None = None  # why this image's group failed; raised to its caller alone
 
 
+def _images_in(calls: list[list[Any]]) -> int:
+    """@serve.batch's size of a batch: images, whatever calls brought them."""
+    return sum(len(call) for call in calls)
+
+
 class InferenceError(RuntimeError):
     """generate failed for this request's params group."""
 
@@ -61,6 +67,11 @@ class CaptionReplica:
 
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.model_cfg = ModelConfig(**model)
+        if self.model_cfg.torch_threads is None:
+            # Ray sets OMP_NUM_THREADS from the actor's CPU reservation (1 when it reserves 0 or
+            # 1), which would leave a CPU replica on one thread; use what it reserved, at least 1.
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            self.model_cfg = self.model_cfg.model_copy(update={"torch_threads": max(1, round(cpus))})
         device = self.model_cfg.device
         if device == "auto":
             device = "cuda" if self.gpu_ids and _cuda_available() else "cpu"
@@ -102,19 +113,37 @@ class CaptionReplica:
         return self.model is not None
 
     async def caption(self, pixels: np.ndarray, params: GenerationParams) -> ReplicaAnswer:
-        await self._wait_loaded()
-        answer: ReplicaAnswer = await self._caption_batch((pixels, params))
+        """One image (the HTTP ingress); a failed generate raises InferenceError."""
+        (answer,) = await self.caption_many([(pixels, params)])
         if answer.error is not None:
             raise InferenceError(answer.error)
         return answer
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _caption_batch(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
+    async def caption_many(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
+        """Several images in one call, answers in order; a failed generate is an answer's `error`.
+
+        The streaming pipeline sends its images this way: one request through Serve's router
+        per micro-batch instead of per image. Per-image requests starve under load — while a
+        CPU replica generates, its event loop gets too little of the GIL to take requests in,
+        and batches shrink to one image (measured with `captioner bench --mode pipeline`).
+        """
+        await self._wait_loaded()
+        return await self._caption_batch(list(items))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
+    async def _caption_batch(
+        self, calls: list[list[tuple[np.ndarray, GenerationParams]]]
+    ) -> list[list[ReplicaAnswer]]:
+        items = [item for call in calls for item in call]
         self.batch_sizes.append(len(items))
         # Generation is CPU/GPU-bound; run it off the event loop so health checks stay answered.
         answers = await asyncio.to_thread(self._run_groups, items)
         self._export_backend_metrics()
-        return answers
+        out, start = [], 0
+        for call in calls:
+            out.append(answers[start : start + len(call)])
+            start += len(call)
+        return out
 
     def _run_groups(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
         import time
@@ -206,3 +235,105 @@ def replica_app(model: ModelConfig, s3: S3Config | None, replicas: ReplicasConfi
         replicas.max_batch_size,
         replicas.batch_wait_timeout_s,
     )
+
+
+class ReplicaCallFailed(RuntimeError):
+    """The replicas did not answer a micro-batch after every attempt (e.g. replicas killed)."""
+
+
+class ReplicaClient:
+    """The caller's side of the replicas: images become `caption_many` micro-batches.
+
+    While a call is in flight, images submitted within `wait_s` of the first one (up to
+    `max_batch_size`) share the next call; when none is in flight the replicas are idle and an
+    image goes at once (waiting would only add latency). Calls are not awaited one by one, so
+    several can be in flight and the replicas' @serve.batch merges them. A call that fails as a whole (a replica died under it) is retried
+    up to `attempts` times; a failed generate comes back in-band as that image's error and is
+    not retried (the same params would fail again). Use from one asyncio loop.
+    """
+
+    def __init__(
+        self,
+        handle: Any,
+        *,
+        max_batch_size: int,
+        wait_s: float,
+        attempts: int,
+        on_retry: Any = None,
+    ):
+        self.handle = handle
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self.attempts = attempts
+        self.on_retry = on_retry
+        self._queue: asyncio.Queue[tuple[np.ndarray, GenerationParams, asyncio.Future[ReplicaAnswer]]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+
+    async def close(self) -> None:
+        """Cancel the batch former and outstanding calls (their callers get CancelledError)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def caption(self, pixels: np.ndarray, params: GenerationParams) -> ReplicaAnswer:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._spawn(self._form_batches())
+        future: asyncio.Future[ReplicaAnswer] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((pixels, params, future))
+        answer = await future
+        if answer.error is not None:
+            raise InferenceError(answer.error)
+        return answer
+
+    async def _form_batches(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + (self.wait_s if self._in_flight else 0.0)
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0 and self._queue.empty():
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(remaining, 0)))
+                except asyncio.TimeoutError:
+                    break
+            self._spawn(self._call(batch))
+
+    async def _call(self, batch: list[tuple[np.ndarray, GenerationParams, asyncio.Future[ReplicaAnswer]]]) -> None:
+        self._in_flight += 1
+        try:
+            await self._call_with_retries(batch)
+        finally:
+            self._in_flight -= 1
+
+    async def _call_with_retries(
+        self, batch: list[tuple[np.ndarray, GenerationParams, asyncio.Future[ReplicaAnswer]]]
+    ) -> None:
+        items = [(pixels, params) for pixels, params, _ in batch]
+        error: BaseException | None = None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                answers: list[ReplicaAnswer] = await self.handle.caption_many.remote(items)
+            except Exception as e:  # the replica died or Serve could not reach one
+                error = e
+                if attempt < self.attempts and self.on_retry is not None:
+                    self.on_retry(attempt, e)
+                continue
+            for (_, _, future), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
+            return
+        lines = str(error).strip().splitlines()
+        failure = ReplicaCallFailed(f"{type(error).__name__}: {lines[0][:300] if lines else ''}")
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(failure)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)  # keep a reference: the loop holds tasks only weakly
+        task.add_done_callback(self._tasks.discard)
