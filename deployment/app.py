@@ -29,7 +29,15 @@ from ray.serve.handle import DeploymentHandle
 
 from workers import images, metrics
 from workers.config import ConfigError, Settings, load_settings
-from workers.contract import ErrorCode, Rejected, parse_request, resolve_params, result_record, run_stage
+from workers.contract import (
+    ErrorCode,
+    Rejected,
+    describe,
+    parse_request,
+    resolve_params,
+    result_record,
+    run_stage,
+)
 from workers.contract import Request as CaptionRequest
 from workers.replicas import ReplicaAnswer, replica_app
 
@@ -260,7 +268,7 @@ class CaptionIngress:
         try:
             answer: ReplicaAnswer = await self.replicas.caption.remote(prepared.pixels, req.params)
         except Exception as e:
-            raise Rejected(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+            raise Rejected(ErrorCode.INFERENCE_FAILED, describe(e)) from None
         timings["inference"] = answer.inference_ms
         return result_record(
             req, captions=answer.captions, model=info["model"], cached=False,

@@ -55,8 +55,13 @@ def run_stage(code: ErrorCode, fn: Callable[..., T], *args: Any, **kwargs: Any) 
     except Rejected:
         raise
     except Exception as e:
-        lines = str(e).strip().splitlines()
-        raise Rejected(code, f"{type(e).__name__}: {lines[0][:300] if lines else ''}") from e
+        raise Rejected(code, describe(e)) from e
+
+
+def describe(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, bounded: what an error record says about an exception."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 @dataclass(frozen=True)

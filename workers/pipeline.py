@@ -36,6 +36,7 @@ from workers.contract import (
     Request,
     Source,
     dead_letter_record,
+    describe,
     parse_request,
     result_record,
     run_stage,
@@ -165,7 +166,7 @@ class Pipeline:
         except Exception as e:  # a bug in our own code must still end as an outcome
             log.exception("unexpected error at %s", job.coordinates)
             code = ErrorCode.INVALID_MESSAGE if job.request is None else ErrorCode.FETCH_FAILED
-            self._publish_dead_letter(job, Rejected(code, f"{type(e).__name__}: {_first_line(e)}"))
+            self._publish_dead_letter(job, Rejected(code, describe(e)))
 
     def _prepare_stages(self, job: _Job) -> None:
         settings = self.settings
@@ -321,9 +322,3 @@ class _timed:
         elapsed = time.perf_counter() - self.start
         self.job.timings_ms[self.stage] = elapsed * 1000
         metrics.STAGE_LATENCY.labels(self.stage).observe(elapsed)
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    return line[:limit]

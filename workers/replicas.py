@@ -27,6 +27,7 @@ import numpy as np
 from ray import serve
 
 from workers.config import ModelConfig, ReplicasConfig, S3Config
+from workers.contract import describe
 from workers.model.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -327,8 +328,7 @@ class ReplicaClient:
                 if not future.done():
                     future.set_result(answer)
             return
-        lines = str(error).strip().splitlines()
-        failure = ReplicaCallFailed(f"{type(error).__name__}: {lines[0][:300] if lines else ''}")
+        failure = ReplicaCallFailed(describe(error) if error else "no attempt made")
         for _, _, future in batch:
             if not future.done():
                 future.set_exception(failure)
