@@ -64,11 +64,12 @@ def main(mode: str, backend: str, batch_sizes: list[int], model: str, rounds: in
         os.environ.setdefault("USE_TF", "0")  # keep TensorFlow out of a torch-only run
     console = Console()
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
-        model_dir = _model_dir(model, Path(tmp), console)
+        model_dir = bench_model_dir(model, Path(tmp), console)
         _run(console, model_dir, model, backends, sorted(set(batch_sizes)), rounds)
 
 
-def _model_dir(model: str, tmp: Path, console: Console) -> Path:
+def bench_model_dir(model: str, tmp: Path, console: Console) -> Path:
+    """The benchmark's model: tiny-random from its cache, or the full-size one built into `tmp`."""
     from workers.model.loading import build_random_model, resolve_model_dir
 
     if model == TINY_RANDOM:

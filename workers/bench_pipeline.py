@@ -30,6 +30,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from workers.bench import bench_model_dir
 from workers.config import TINY_RANDOM, ModelConfig, ReplicasConfig, Settings, WorkerConfig, load_settings
 from workers.model.params import GenerationParams
 
@@ -42,7 +43,7 @@ def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
     console = Console()
     batch = max(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="captioner-bench-pipeline-") as tmp:
-        model_dir = _model_dir(model, Path(tmp), console)
+        model_dir = bench_model_dir(model, Path(tmp), console)
         spec_size = _input_size(model_dir)
         # Throughput is timed over `rounds` × 2 full batches: enough for batches to fill the way
         # they do under sustained load, not only the first partial one.
@@ -51,12 +52,6 @@ def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
         gc.collect()
         piped = _pipeline(model_dir, backend, batch, images, rounds, console)
     _report(console, model, backend, batch, bare, piped)
-
-
-def _model_dir(model: str, tmp: Path, console: Console) -> Path:
-    from workers.bench import _model_dir as build
-
-    return build(model, tmp, console)
 
 
 def _input_size(model_dir: Path) -> tuple[int, int]:

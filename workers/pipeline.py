@@ -71,8 +71,8 @@ class Pipeline:
     """A worker's consumers and stages around a handle to the replica deployment."""
 
     def __init__(self, settings: Settings, replicas: Any, *, name: str = "worker"):
+        """`replicas` is a Serve DeploymentHandle to CaptionReplica."""
         self.settings = settings
-        self.replicas = replicas  # a Serve DeploymentHandle to CaptionReplica
         self.name = name
         info = replicas.info.remote().result()
         self.model_record: dict[str, Any] = info["model"]

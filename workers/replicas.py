@@ -103,10 +103,10 @@ class CaptionReplica:
     async def _wait_loaded(self) -> None:
         if not self._loaded.is_set():
             await asyncio.to_thread(self._loaded.wait)
-        if self.load_error is not None:
-            raise RuntimeError(f"model failed to load: {self.load_error}")
+        self.check_health()
 
     def check_health(self) -> None:
+        """Serve's health check; also what a caller gets when the model failed to load."""
         if self.load_error is not None:
             raise RuntimeError(f"model failed to load: {self.load_error}")
 

@@ -145,14 +145,12 @@ class KafkaSource:
         if left:
             log.warning("%s: drain timed out with %d open record(s); they will be redelivered", self.name, left)
 
-    def _commit(self, consumer: KafkaConsumer, only: set[TopicPartition] | None = None) -> None:
+    def _commit(self, consumer: KafkaConsumer) -> None:
         offsets = self.tracker.to_commit()
-        if only is not None:
-            offsets = {tp: o for tp, o in offsets.items() if tp in only}
         if not offsets:
             return
         try:
-            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            consumer.commit(_as_commit(offsets))
         except KafkaError as e:
             metrics.COMMITS.labels("failed").inc()
             log.warning("%s: commit failed (%s); will retry", self.name, type(e).__name__)
@@ -160,7 +158,7 @@ class KafkaSource:
         self.tracker.committed(offsets)
         metrics.COMMITS.labels("ok").inc()
 
-    # -- rebalance callbacks (run inside poll, on the loop's thread) --------------------------
+    # -- rebalance callbacks (kafka-python 3.x runs them on its IO thread: nothing blocking) ---
 
     def on_revoked(self, revoked: set[TopicPartition]) -> None:
         metrics.REBALANCES.labels("revoked").inc(len(revoked))
@@ -201,7 +199,7 @@ class KafkaSource:
             else:
                 metrics.COMMITS.labels("ok").inc()
 
-        consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}, callback=on_commit)
+        consumer.commit_async(_as_commit(offsets), callback=on_commit)
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         metrics.REBALANCES.labels("assigned").inc(len(assigned))
@@ -209,6 +207,10 @@ class KafkaSource:
         if self._paused and self._consumer is not None and assigned:
             self._consumer.pause(*assigned)
         log.info("%s: assigned %s", self.name, sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+def _as_commit(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
 
 
 class _Rebalance(ConsumerRebalanceListener):
