@@ -27,19 +27,19 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from workers import images, metrics
+from workers import metrics
 from workers.config import ConfigError, Settings, load_settings
 from workers.contract import (
     ErrorCode,
     Rejected,
     describe,
-    parse_request,
     resolve_params,
     result_record,
-    run_stage,
 )
 from workers.contract import Request as CaptionRequest
-from workers.replicas import ReplicaAnswer, replica_app
+from workers.replica_api import ReplicaAnswer, ReplicaInfo
+from workers.replicas import replica_app
+from workers.stages import Stages
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class KafkaIngest:
 
     def check_health(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"ingest failed to start: {type(self.error).__name__}: {self.error}")
+            raise RuntimeError(f"ingest failed to start: {describe(self.error)}")
         if self.pipeline is not None and self.pipeline.failed.is_set():
             raise RuntimeError("ingest stopped: the broker did not acknowledge an outcome")
 
@@ -210,13 +210,15 @@ api = FastAPI(
 @serve.ingress(api)
 class CaptionIngress:
     def __init__(self, settings: dict[str, Any], replicas: DeploymentHandle, ingest: DeploymentHandle | None = None):
-        from workers.fetch import Fetcher, make_s3_client
+        from workers.fetch import Fetcher
+        from workers.s3 import make_s3_client
 
         self.settings = Settings.from_portable(settings)
         self.replicas = replicas
         self.ingest = ingest
         self.fetcher = Fetcher(make_s3_client(self.settings.s3), self.settings.s3, self.settings.limits)
-        self._model_info: dict[str, Any] | None = None
+        self._model_info: ReplicaInfo | None = None
+        self.stages = Stages(self.settings, self.fetcher)  # sized once a replica's model is known
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -233,7 +235,7 @@ class CaptionIngress:
         if not ready:
             return JSONResponse({"ready": False}, status_code=503)
         info = await self._info()
-        return JSONResponse({"ready": True, "model": info["model"]})
+        return JSONResponse({"ready": True, "model": info.model})
 
     @api.post("/v1/captions")
     async def caption(self, request: Request) -> JSONResponse:
@@ -250,32 +252,26 @@ class CaptionIngress:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         timings: dict[str, float] = {}
         if content_type == "application/json":
-            req = parse_request(body, defaults=settings.generation, limits=settings.limits)
-            start = asyncio.get_running_loop().time()
-            fetched = await asyncio.to_thread(run_stage, ErrorCode.FETCH_FAILED, self.fetcher.fetch, req.image)
-            timings["fetch"] = (asyncio.get_running_loop().time() - start) * 1000
-            data = fetched.data
+            req = self.stages.parse(body)
+            data = (await asyncio.to_thread(self.stages.fetch, req.image, timings)).data
         else:
             data, fields = await _upload(request, body, content_type)
             req = _upload_request(data, fields, settings)
         info = await self._info()
-        start = asyncio.get_running_loop().time()
-        prepared = await asyncio.to_thread(
-            run_stage, ErrorCode.INVALID_IMAGE, images.prepare, data, size=(info["height"], info["width"]), resample=info["resample"],
-            max_pixels=settings.limits.max_image_pixels,
-        )
-        timings["decode"] = (asyncio.get_running_loop().time() - start) * 1000
+        if self.stages.input_size is None:
+            self.stages = self.stages.sized(info.input_size)
+        prepared = await asyncio.to_thread(self.stages.decode, data, timings)
         try:
             answer: ReplicaAnswer = await self.replicas.caption.remote(prepared.pixels, req.params)
         except Exception as e:
             raise Rejected(ErrorCode.INFERENCE_FAILED, describe(e)) from None
         timings["inference"] = answer.inference_ms
         return result_record(
-            req, captions=answer.captions, model=info["model"], cached=False,
+            req, captions=answer.captions, model=info.model, cached=False,
             width=prepared.width, height=prepared.height, timings_ms=timings, scores=answer.scores,
         )
 
-    async def _info(self) -> dict[str, Any]:
+    async def _info(self) -> ReplicaInfo:
         if self._model_info is None:
             self._model_info = await self.replicas.info.remote()
         return self._model_info

@@ -1,5 +1,5 @@
 from workers.cache import CachedCaption, CaptionCache
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 BEAM2 = GenerationParams()
 GREEDY = GenerationParams(beam_size=1)

@@ -12,11 +12,11 @@ from workers.contract import (
     Rejected,
     Source,
     dead_letter_record,
-    parse_image_ref,
     parse_request,
     result_record,
 )
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
+from workers.s3 import parse_image_ref
 
 DEFAULTS = GenerationParams()
 LIMITS = LimitsConfig(max_message_bytes=1000)

@@ -133,7 +133,7 @@ def test_resolve_embedded_starts_resolves_and_stops(monkeypatch: pytest.MonkeyPa
         assert resolved.s3.endpoint_url == embedded.s3.endpoint_url
         assert os.environ["AWS_ACCESS_KEY_ID"] == embedded.s3.access_key
         # The standard chain (make_s3_client) finds the keys; allow-listed buckets exist.
-        from workers.fetch import make_s3_client
+        from workers.s3 import make_s3_client
 
         names = {b["Name"] for b in make_s3_client(resolved.s3).list_buckets()["Buckets"]}
         assert {"photos", "more"} <= names

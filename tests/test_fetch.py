@@ -13,7 +13,8 @@ from workers.chaos_proxy import DROPPED, ERROR, TRUNCATED, ChaosProxy, FaultPlan
 from workers.config import LimitsConfig
 from workers.contract import ErrorCode, Rejected
 from workers.embedded import S3Server, free_port
-from workers.fetch import Fetcher, make_s3_client
+from workers.fetch import Fetcher
+from workers.s3 import make_s3_client
 
 PAYLOAD = b"\xff\xd8\xff" + bytes(range(256)) * 8  # 2 KiB, JPEG-ish start
 

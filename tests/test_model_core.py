@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProce
 
 from workers.config import TINY_RANDOM, ModelConfig
 from workers.images import prepare
-from workers.model import CaptionOutput, GenerationParams, load_model
+from workers.model import CaptionOutput, load_model
+from workers.params import GenerationParams
 
 PARAMS = {
     "greedy": GenerationParams(beam_size=1),

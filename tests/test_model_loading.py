@@ -12,7 +12,8 @@ from model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_
 
 from workers.config import TINY_RANDOM, ModelConfig
 from workers.images import prepare
-from workers.model import GenerationParams, load_model
+from workers.model import load_model
+from workers.params import GenerationParams
 from workers.model.loading import (
     UNTRAINED_MARKER,
     ModelSourceError,

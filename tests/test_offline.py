@@ -17,7 +17,7 @@ from workers import offline
 from workers.cli import app
 from workers.config import load_settings
 from workers.images import prepare
-from workers.model import GenerationParams
+from workers.params import GenerationParams
 
 BAD = bad_files()
 BAD_CODES = {name: "image_too_large" if "bomb" in name else "invalid_image" for name in BAD}

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from workers.config import ConfigError, LimitsConfig, load_settings
 from workers.contract import ErrorCode, Rejected, resolve_params
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 INVALID = [
     ("beam_size", 0),

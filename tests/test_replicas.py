@@ -10,17 +10,18 @@ import pytest
 from worker_fixtures import deploy_tiny_replicas
 from workers.config import ReplicasConfig
 from workers.embedded import wait_until
+from workers.replica_api import ReplicaInfo
 
 pytestmark = [pytest.mark.ray]
 
 
-def replica_infos(handle: Any, count: int) -> dict[str, dict[str, Any]]:
+def replica_infos(handle: Any, count: int) -> dict[str, ReplicaInfo]:
     """Ask until `count` distinct replicas answered (the router spreads calls over them)."""
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, ReplicaInfo] = {}
 
     def all_seen() -> bool:
         info = handle.info.remote().result(timeout_s=60)
-        seen[info["replica_id"]] = info
+        seen[info.replica_id] = info
         return len(seen) >= count
 
     wait_until(all_seen, timeout_s=120, interval_s=0, what=f"{count} replicas answering")
@@ -39,9 +40,9 @@ def test_replicas_are_pinned_to_the_gpus_ray_assigns(ray_serve, replicas, gpus_e
         infos = replica_infos(handle, replicas)
     finally:
         serve.delete(name)
-    devices = Counter(info["cuda_visible_devices"] for info in infos.values())
+    devices = Counter(info.cuda_visible_devices for info in infos.values())
     assert devices == {"0": per_gpu, "1": per_gpu}, devices
     for info in infos.values():
-        assert info["gpu_ids"] == [info["cuda_visible_devices"]]
+        assert info.gpu_ids == [info.cuda_visible_devices]
         # No CUDA on this machine: a replica with an assigned GPU id still runs, on the CPU.
-        assert info["device"] == "cpu"
+        assert info.device == "cpu"

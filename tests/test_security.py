@@ -45,7 +45,7 @@ from workers.contract import ErrorCode, Rejected, parse_request
 from workers.embedded import Broker, S3Server, free_port, wait_until
 from workers.fetch import Fetcher
 from workers.kafkaclient import client_kwargs, consumer_kwargs, ensure_topics, producer_kwargs
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 from workers.pipeline import Pipeline
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]

@@ -12,7 +12,7 @@ from kafka_helpers import consume_until, kafka_config
 from workers import contract
 from workers.config import KafkaConfig, LimitsConfig
 from workers.embedded import Broker
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 from workers.sink import Sink
 
 
@@ -61,7 +61,7 @@ def test_result_goes_to_output_topic_keyed_by_id_with_headers(
     acks = Acks()
     request = make_request()
     record = {"id": request.id, "caption": "a cat", "source": request.source.as_dict()}
-    sink.send_result(request, record, acks)
+    sink.send(contract.Result.for_request(request, record), acks)
     acks.wait_for(1)
 
     assert acks.calls[0][0] is None
@@ -75,7 +75,7 @@ def test_result_goes_to_output_topic_keyed_by_id_with_headers(
 
 def test_result_key_prefers_the_request_key(sink: Sink, cfg: KafkaConfig, broker: Broker) -> None:
     acks = Acks()
-    sink.send_result(make_request(key=b"original-key"), {"id": "cat-1"}, acks)
+    sink.send(contract.Result.for_request(make_request(key=b"original-key"), {"id": "cat-1"}), acks)
     sink.flush(10)
     assert [e for e, _ in acks.calls] == [None]
     [published] = consume_until(broker.bootstrap_servers, cfg.output_topic, 1, timeout=10)
@@ -91,8 +91,9 @@ def test_dead_letter_goes_to_dlq_topic_with_key_and_headers(sink: Sink, cfg: Kaf
         source=contract.Source("images", 2, 7),
         attempts=1,
     )
-    sink.send_dead_letter(record, key=b"k", headers=[("trace-id", b"xyz")], on_ack=acks)
-    sink.send_dead_letter(record, key=None, headers=None, on_ack=acks)
+    code = contract.ErrorCode.OBJECT_NOT_FOUND
+    sink.send(contract.DeadLetter(code, record, key=b"k", headers=[("trace-id", b"xyz")]), acks)
+    sink.send(contract.DeadLetter(code, record, key=None, headers=[]), acks)
     sink.flush(10)
     assert [e for e, _ in acks.calls] == [None, None]
     published = consume_until(broker.bootstrap_servers, cfg.dead_letter_topic, 2, timeout=10)
@@ -107,7 +108,7 @@ def test_dead_letter_goes_to_dlq_topic_with_key_and_headers(sink: Sink, cfg: Kaf
 def test_record_too_large_reports_the_error_to_on_ack(sink: Sink) -> None:
     acks = Acks()
     huge = {"id": "big", "metadata": {"blob": "x" * (4 * 1024 * 1024)}}
-    sink.send_result(make_request(), huge, acks)
+    sink.send(contract.Result.for_request(make_request(), huge), acks)
     acks.wait_for(1)
     error, _thread = acks.calls[0]
     assert type(error).__name__ == "MessageSizeTooLargeError"

@@ -24,17 +24,13 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from workers.model.loading import build_tiny_random  # noqa: E402
-from workers.model.params import GenerationParams  # noqa: E402
+from workers.params import GenerationParams  # noqa: E402
 from workers.model.preprocess import normalize, spec_from_dir  # noqa: E402
 
 pytest.importorskip("tensorflow")
 
-from workers.model.tf_backend import (  # noqa: E402
-    TF_WEIGHTS_NAME,
-    TFBackend,
-    batch_bucket,
-    ensure_tf_weights,
-)
+from workers.model.tf_backend import TFBackend, batch_bucket  # noqa: E402
+from workers.model.tf_weights import TF_WEIGHTS_NAME, ensure_tf_weights  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "workers" / "samples"
 MAX_NEW = 5
@@ -229,7 +225,7 @@ import sys
 import numpy as np
 from pathlib import Path
 from workers.model.tf_backend import TFBackend
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 backend = TFBackend.from_directory(Path({str(model_dir)!r}), "cpu", max_warm_batch=0)
 out = backend.generate(np.load({str(model_dir.parent / "pixels.npy")!r}), GenerationParams(**{params.model_dump()!r}))
 assert "torch" not in sys.modules, "torch was imported"

@@ -262,5 +262,5 @@ def test_two_workers_in_one_group_split_partitions(broker, s3_server, replicas):
 
 def test_a_replica_without_gpus_runs_on_the_cpu(replicas):
     info = replicas.info.remote().result(timeout_s=60)
-    assert info["gpu_ids"] == [] and info["device"] == "cpu"
-    assert info["model"] == {"name": "tiny-random", "backend": "torch", "untrained": True}
+    assert info.gpu_ids == [] and info.device == "cpu"
+    assert info.model == {"name": "tiny-random", "backend": "torch", "untrained": True}

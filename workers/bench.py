@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers.config import TINY_RANDOM, ModelConfig
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 SAMPLES = Path(__file__).parent / "samples"
 TARGET_RATIO = 2.5

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from workers.bench import bench_model_dir
 from workers.config import TINY_RANDOM, ModelConfig, ReplicasConfig, Settings, WorkerConfig, load_settings
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 THROUGHPUT_TARGET = 0.9
 LATENCY_TARGET_MS = 50.0

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 EMBEDDED = "embedded"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import posixpath
 from dataclasses import dataclass, field
 from enum import StrEnum
 from collections.abc import Callable
@@ -17,9 +16,8 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from workers.config import LimitsConfig
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
-S3_SCHEME = "s3://"
 # A dead letter echoes at most this much of the original value.
 MAX_ECHO_BYTES = 64 * 1024
 
@@ -74,16 +72,6 @@ class Source:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    bucket: str
-    key: str
-
-    @property
-    def uri(self) -> str:
-        return f"{S3_SCHEME}{self.bucket}/{self.key}"
-
-
 @dataclass
 class Request:
     """One parsed request. `id` may repeat; `source` is what identifies it."""
@@ -95,22 +83,6 @@ class Request:
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     source: Source | None = None
-
-
-def parse_image_ref(uri: str, allowed_buckets: list[str]) -> ImageRef:
-    """`s3://bucket/key` → ImageRef, or Rejected(forbidden_reference)."""
-    if not isinstance(uri, str) or not uri.lower().startswith(S3_SCHEME):
-        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"only s3:// references are allowed, got {_short(uri)}")
-    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"no bucket in {_short(uri)}")
-    if not key or key.endswith("/"):
-        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"no object key in {_short(uri)}")
-    if ".." in key.split("/") or posixpath.normpath("/" + key) != "/" + key.rstrip("/"):
-        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"key must not escape its prefix: {_short(uri)}")
-    if "*" not in allowed_buckets and bucket not in allowed_buckets:
-        raise Rejected(ErrorCode.FORBIDDEN_REFERENCE, f"bucket {bucket!r} is not allow-listed")
-    return ImageRef(bucket, key)
 
 
 def parse_request(
@@ -274,10 +246,66 @@ def dead_letter_record(
     return record
 
 
+Headers = list[tuple[str, bytes | None]]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A caption for a request: published to the results topic, keyed like the request."""
+
+    record: dict[str, Any]
+    key: bytes | None
+    headers: Headers
+
+    @classmethod
+    def for_request(cls, request: Request, record: dict[str, Any]) -> Result:
+        # The request's key, else its id: one id keeps its partition on the results topic.
+        key = request.key if request.key is not None else request.id.encode("utf-8")
+        return cls(record, key, list(request.headers))
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A request that cannot be captioned: published to the dead-letter topic with its reason."""
+
+    code: ErrorCode
+    record: dict[str, Any]
+    key: bytes | None
+    headers: Headers
+
+
+Outcome = Result | DeadLetter
+
+
+def dead_letter(
+    error: Rejected,
+    *,
+    value: bytes | None,
+    key: bytes | None,
+    headers: Headers,
+    source: Source | None,
+    request: Request | None,
+    attempts: int | None = None,
+) -> DeadLetter:
+    """The dead letter for a record: the original key (else the request's id) and headers."""
+    record = dead_letter_record(
+        code=error.code,
+        message=error.message,
+        value=value,
+        source=source,
+        attempts=attempts if attempts is not None else error.attempts,
+        request_id=request.id if request else None,
+    )
+    if key is None and request is not None:
+        key = request.id.encode("utf-8")
+    return DeadLetter(error.code, record, key, list(headers))
+
+
 def encode(record: dict[str, Any]) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _short(value: Any, limit: int = 120) -> str:
+def short_repr(value: Any, limit: int = 120) -> str:
+    """repr() bounded: what an error message may quote of untrusted input."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "…"

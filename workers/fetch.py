@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     ClientError,
     HTTPClientError,
@@ -23,34 +21,10 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from workers.config import LimitsConfig, S3Config
-from workers.contract import ErrorCode, ImageRef, Rejected, parse_image_ref
+from workers.contract import ErrorCode, Rejected, describe
+from workers.s3 import ImageRef, parse_image_ref
 
 log = logging.getLogger(__name__)
-
-
-def make_s3_client(cfg: S3Config) -> Any:
-    """A boto3 S3 client: signature v4, the standard credential chain, our timeouts.
-
-    `cfg.endpoint_url` must already be resolved (not 'embedded'): the runner replaces it with
-    the embedded server's URL before any stage starts.
-    """
-    if cfg.embedded:
-        raise ValueError("s3.endpoint_url is 'embedded': start the embedded server and resolve it first")
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=cfg.endpoint_url,
-        region_name=cfg.region,
-        config=BotoConfig(
-            signature_version="s3v4",
-            s3={"addressing_style": cfg.addressing_style},
-            connect_timeout=cfg.connect_timeout_s,
-            read_timeout=cfg.read_timeout_s,
-            max_pool_connections=cfg.max_pool_connections,
-            # Our own retry loop classifies errors; botocore's would hide 5xx counts from it.
-            # (total_max_attempts counts the first try; botocore's max_attempts counts retries only.)
-            retries={"total_max_attempts": 1, "mode": "standard"},
-        ),
-    )
 
 
 # --- the fetch stage --------------------------------------------------------------------------
@@ -195,7 +169,7 @@ class Fetcher:
             # Read at most limit+1 bytes: the object may have grown since the HEAD.
             data = _read_up_to(body, limit + 1)
         except Exception as e:
-            raise _Retryable(f"reading body: {type(e).__name__}: {e}") from None
+            raise _Retryable(f"reading body: {describe(e)}") from None
         finally:
             body.close()
         if len(data) > limit:
@@ -219,7 +193,7 @@ class Fetcher:
         except NoCredentialsError:
             raise Rejected(ErrorCode.ACCESS_DENIED, f"{ref.uri}: no S3 credentials configured") from None
         except (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError) as e:
-            raise _Retryable(f"{type(e).__name__}: {e}") from None
+            raise _Retryable(f"{describe(e)}") from None
 
     def _classify(self, ref: ImageRef, e: ClientError) -> Exception:
         error = e.response.get("Error", {})

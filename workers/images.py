@@ -31,6 +31,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers.contract import ErrorCode, Rejected
 
+# What a folder or prefix listing picks up as images (`caption`, `submit`); a folder may also
+# hold READMEs, licences and sidecar files. A file named explicitly is always tried.
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .png .gif .webp .bmp .tif .tiff .ppm .pgm .pbm .pnm .ico .jp2 .avif .heic".split()
+)
+
 BILINEAR = Image.Resampling.BILINEAR
 BACKGROUND = (255, 255, 255)
 
@@ -43,6 +49,15 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 class SizeSpec(Protocol):
     """Anything with the model's input size and resampling filter (e.g. PreprocessSpec)."""
+
+    height: int
+    width: int
+    resample: int
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """A model's input: images are resized to height × width with this PIL filter."""
 
     height: int
     width: int

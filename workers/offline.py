@@ -17,29 +17,31 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from workers.config import Settings
-from workers.contract import ErrorCode, Rejected
-from workers.images import Prepared, prepare
-
-S3_SCHEME = "s3://"
-# What a folder's listing picks up (a folder may hold READMEs, licences, sidecar files).
-# Files named explicitly and s3:// objects are always tried.
-IMAGE_SUFFIXES = frozenset(
-    ".jpg .jpeg .jpe .png .gif .webp .bmp .tif .tiff .ppm .pgm .pbm .pnm .ico .jp2 .avif .heic".split()
-)
+from workers.contract import ErrorCode, Rejected, describe
+from workers.fetch import Fetcher
+from workers.images import IMAGE_SUFFIXES, InputSize, Prepared
+from workers.s3 import is_s3_uri, join_uri, list_objects, make_s3_client, split_uri
+from workers.stages import Stages
+from workers.ui import untrained_banner
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image to caption: its display name and how to get its bytes (raises Rejected)."""
+    """One image to caption: its display name and where its bytes are (an s3:// URI or a file)."""
 
     name: str
-    read: Callable[[], bytes]
+    location: str | Path
+
+    def read(self, stages: Stages) -> bytes:
+        """The bytes through the fetch stage (allow-list, limits, retries), or Rejected."""
+        if isinstance(self.location, Path):
+            return stages.read(_file_reader(self.location, stages.settings.limits.max_object_bytes))
+        return stages.fetch(self.location).data
 
 
 @dataclass
@@ -68,16 +70,14 @@ def run(settings: Settings, inputs: list[str], *, batch_size: int, output: Path 
         os.environ.setdefault("USE_TF", "0")
     from workers.model.core import load_model
 
-    items = list(_expand(inputs, settings))
+    s3_client = _s3_client(settings) if any(is_s3_uri(i) for i in inputs) else None
+    items = list(_expand(inputs, s3_client))
     model = load_model(settings.model, settings.s3)
     untrained = model.info.untrained
-    banner = Panel(
-        f"[bold]Model {model.info.name!r} is UNTRAINED (random weights).[/bold]\n"
-        "Its captions are meaningless; use a trained checkpoint for real captions.",
-        title="[bold]UNTRAINED MODEL[/bold]",
-        border_style="bold red",
-        style="bold red",
-    )
+    fetcher = Fetcher(s3_client, settings.s3, settings.limits) if s3_client is not None else None
+    spec = model.spec
+    stages = Stages(settings, fetcher, InputSize(spec.height, spec.width, int(spec.resample)))
+    banner = untrained_banner(model.info.name)
     if untrained:
         console.print(banner)
 
@@ -95,8 +95,7 @@ def run(settings: Settings, inputs: list[str], *, batch_size: int, output: Path 
                 row = Row(item.name, [], None, untrained)
                 batch_rows.append(row)
                 try:
-                    data = item.read()
-                    prepared.append((len(batch_rows) - 1, prepare(data, size=model.spec, max_pixels=settings.limits.max_image_pixels)))
+                    prepared.append((len(batch_rows) - 1, stages.decode(item.read(stages))))
                 except Rejected as e:
                     row.error = f"{e.code}: {e.message}"
             if prepared:
@@ -106,7 +105,7 @@ def run(settings: Settings, inputs: list[str], *, batch_size: int, output: Path 
                         batch_rows[index].captions = out.captions
                 except Exception as e:  # the batch fails, the run goes on
                     for index, _ in prepared:
-                        batch_rows[index].error = f"{ErrorCode.INFERENCE_FAILED}: {type(e).__name__}: {e}"
+                        batch_rows[index].error = f"{ErrorCode.INFERENCE_FAILED}: {describe(e)}"
             rows.extend(batch_rows)
             progress.advance(task, len(batch))
 
@@ -167,22 +166,18 @@ def _chunks(items: list[ImageItem], size: int) -> Iterator[list[ImageItem]]:
 # ------------------------------------------------------------------------------------ inputs
 
 
-def _expand(inputs: list[str], settings: Settings) -> Iterator[ImageItem]:
-    max_bytes = settings.limits.max_object_bytes
-    s3_client = None
+def _expand(inputs: list[str], s3_client: Any) -> Iterator[ImageItem]:
     for entry in inputs:
-        if entry.lower().startswith(S3_SCHEME):
-            if s3_client is None:
-                s3_client = _s3_client(settings)
-            yield from _s3_items(s3_client, entry, max_bytes)
+        if is_s3_uri(entry):
+            yield from _s3_items(s3_client, entry)
             continue
         path = Path(entry).expanduser()
         if path.is_dir():
             for child in sorted(path.iterdir()):
                 if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
-                    yield ImageItem(child.name, _file_reader(child, max_bytes))
+                    yield ImageItem(child.name, child)
         else:
-            yield ImageItem(entry, _file_reader(path, max_bytes))
+            yield ImageItem(entry, path)
 
 
 def _file_reader(path: Path, max_bytes: int) -> Callable[[], bytes]:
@@ -204,8 +199,6 @@ def _file_reader(path: Path, max_bytes: int) -> Callable[[], bytes]:
 
 
 def _s3_client(settings: Settings) -> Any:
-    from workers.fetch import make_s3_client
-
     if settings.s3.embedded:
         raise ValueError(
             "s3:// inputs need s3.endpoint_url set to a real endpoint (an http(s) URL, or null for "
@@ -214,33 +207,11 @@ def _s3_client(settings: Settings) -> Any:
     return make_s3_client(settings.s3)
 
 
-def _s3_items(client: Any, uri: str, max_bytes: int) -> Iterator[ImageItem]:
+def _s3_items(client: Any, uri: str) -> Iterator[ImageItem]:
     """Every object under the prefix, sorted by key; names are keys relative to the prefix."""
-    bucket, _, prefix = uri[len(S3_SCHEME) :].partition("/")
-    listed: list[tuple[str, int]] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        listed.extend((o["Key"], o["Size"]) for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+    bucket, prefix = split_uri(uri)
     # Names are relative to the prefix's "folder": s3://b/photos/ and s3://b/photos/ca both
     # name s3://b/photos/cat.jpg "cat.jpg".
     base = prefix[: prefix.rfind("/") + 1]
-    for key, size in sorted(listed):
-        yield ImageItem(key[len(base) :] or key, _s3_reader(client, bucket, key, size, max_bytes))
-
-
-def _s3_reader(client: Any, bucket: str, key: str, size: int, max_bytes: int) -> Callable[[], bytes]:
-    def read() -> bytes:
-        # Decided from the listing, before any byte of the object is downloaded.
-        if size > max_bytes:
-            raise Rejected(ErrorCode.OBJECT_TOO_LARGE, f"{size} bytes exceeds limits.max_object_bytes ({max_bytes})")
-        try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"]
-            data = body.read(max_bytes + 1)
-        except client.exceptions.NoSuchKey:
-            raise Rejected(ErrorCode.OBJECT_NOT_FOUND, f"s3://{bucket}/{key} disappeared") from None
-        except Exception as e:
-            raise Rejected(ErrorCode.FETCH_FAILED, f"s3://{bucket}/{key}: {type(e).__name__}: {e}") from None
-        if len(data) > max_bytes:
-            raise Rejected(ErrorCode.OBJECT_TOO_LARGE, f"object grew past limits.max_object_bytes ({max_bytes})")
-        return data
-
-    return read
+    for obj in sorted(list_objects(client, bucket, prefix), key=lambda o: o.key):
+        yield ImageItem(obj.key[len(base) :] or obj.key, join_uri(bucket, obj.key))

@@ -5,6 +5,9 @@ out, in the order they were handed out, and commit `N` (Kafka's "next offset to 
 every offset before `N` has its result or dead letter acknowledged by the broker. Pure
 bookkeeping: no I/O. Thread-safe: the poll thread starts offsets and commits, the producer's
 I/O thread marks them done.
+
+An abandoned offset (its outcome will never come from this process) is no longer open work, so
+a drain does not wait for it, but the watermark never passes it: the record is delivered again.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from dataclasses import dataclass, field
 from kafka.structs import TopicPartition
 
 
+OPEN, DONE, ABANDONED = "open", "done", "abandoned"
+
+
 @dataclass
 class _Partition:
-    # offset -> done?  Insertion order is offset order within a partition's fetch sequence.
-    pending: dict[int, bool] = field(default_factory=dict)
+    # offset -> state. Insertion order is offset order within a partition's fetch sequence.
+    pending: dict[int, str] = field(default_factory=dict)
     next_offset: int | None = None  # the watermark: every offset below it is done
     committed: int | None = None
 
@@ -31,30 +37,40 @@ class OffsetTracker:
     def started(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
             part = self._parts.setdefault(tp, _Partition())
-            part.pending[offset] = False
+            part.pending[offset] = OPEN
 
     def done(self, tp: TopicPartition, offset: int) -> bool:
         """Mark an outcome acknowledged; False when the partition was revoked meanwhile."""
         with self._lock:
             part = self._parts.get(tp)
-            if part is None or offset not in part.pending:
+            if part is None or part.pending.get(offset) != OPEN:
                 return False
-            part.pending[offset] = True
+            part.pending[offset] = DONE
             self._lock.notify_all()
             # Advance the watermark over the done prefix.
             while part.pending:
                 first = next(iter(part.pending))
-                if not part.pending[first]:
+                if part.pending[first] != DONE:
                     break
                 del part.pending[first]
                 part.next_offset = first + 1
+            return True
+
+    def abandon(self, tp: TopicPartition, offset: int) -> bool:
+        """No outcome will come for this offset: stop waiting for it, never commit past it."""
+        with self._lock:
+            part = self._parts.get(tp)
+            if part is None or part.pending.get(offset) != OPEN:
+                return False
+            part.pending[offset] = ABANDONED
+            self._lock.notify_all()
             return True
 
     def owns(self, tp: TopicPartition, offset: int) -> bool:
         """Whether this offset is still ours to finish (False once its partition was revoked)."""
         with self._lock:
             part = self._parts.get(tp)
-            return part is not None and offset in part.pending
+            return part is not None and part.pending.get(offset) == OPEN
 
     def in_flight(self, tps: set[TopicPartition] | None = None) -> int:
         with self._lock:
@@ -68,7 +84,7 @@ class OffsetTracker:
 
     def _open(self, tps: set[TopicPartition] | None) -> int:
         return sum(
-            sum(1 for d in p.pending.values() if not d)
+            sum(1 for state in p.pending.values() if state == OPEN)
             for tp, p in self._parts.items()
             if tps is None or tp in tps
         )

@@ -1,17 +1,21 @@
 """The one place that knows the whole way: source → fetch → decode → replicas → sink → commit.
 
 Threads, and why:
-- one poll loop per consumer (`KafkaSource.run`): polls, hands records over, commits;
-- a work pool (`worker.fetch_concurrency` threads): parse, fetch, cache lookup, decode/resize;
-- one asyncio loop: awaits the replicas through the Serve handle, so thousands of images can
-  wait on inference without a thread each;
-- the producer's I/O thread: calls back when the broker acknowledged an outcome, which is what
-  frees a window slot and moves the partition's watermark.
+- one poll loop per consumer (`KafkaSource.run`): polls, issues a `Delivery` ticket per record,
+  commits watermarks;
+- a work pool (`worker.fetch_concurrency` threads): the stage chain (parse, fetch, cache lookup,
+  decode/resize, `workers/stages.py`), then building and sending the outcome, and re-sending one
+  the broker refused;
+- one asyncio loop: awaits the replicas through `ReplicaClient`, so thousands of images can wait
+  on inference without a thread each; it only awaits, and hands each answer back to the pool;
+- the producer's I/O thread: settles a ticket once the broker acknowledged its outcome, which is
+  what frees the window slot and moves the partition's watermark.
 
 Every record ends as exactly one outcome (result or dead letter) per delivery; a failure at any
-stage becomes a dead letter with that stage's code. A record whose outcome the broker will not
-acknowledge (after `worker.produce_attempts`) stops the worker without committing it, so the
-next start delivers it again: nothing is lost.
+stage becomes a dead letter with that stage's code. Only the ticket ends a record (settled or
+abandoned, once). A record whose outcome the broker will not acknowledge (after
+`worker.produce_attempts`) stops the worker without committing it, so the next start delivers
+it again: nothing is lost.
 """
 
 from __future__ import annotations
@@ -24,47 +28,40 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import TopicPartition
-
-from workers import images, metrics
+from workers import metrics
 from workers.cache import CachedCaption, CaptionCache
 from workers.config import Settings
 from workers.contract import (
+    DeadLetter,
     ErrorCode,
+    Outcome,
     Rejected,
     Request,
-    Source,
-    dead_letter_record,
+    Result,
+    dead_letter,
     describe,
-    parse_request,
     result_record,
-    run_stage,
 )
-from workers.fetch import Fetcher, make_s3_client
-from workers.replicas import InferenceError, ReplicaAnswer, ReplicaCallFailed, ReplicaClient
+from workers.delivery import Delivery, InFlightWindow
+from workers.fetch import Fetcher
+from workers.replica_api import InferenceError, ReplicaAnswer, ReplicaInfo
+from workers.replica_client import ReplicaCallFailed, ReplicaClient
+from workers.s3 import make_s3_client
 from workers.sink import Sink
-from workers.source import InFlightWindow, KafkaSource
+from workers.source import KafkaSource
+from workers.stages import Stages, elapsed_ms
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Job:
-    source: KafkaSource
-    record: ConsumerRecord
-    started: float = field(default_factory=time.perf_counter)
+    """One record's way through the stages; its ticket is the only thing that ends it."""
+
+    delivery: Delivery
     timings_ms: dict[str, float] = field(default_factory=dict)
     request: Request | None = None
     attempts: int = 1
-
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.record.topic, self.record.partition)
-
-    @property
-    def coordinates(self) -> Source:
-        return Source(self.record.topic, self.record.partition, self.record.offset)
 
 
 class Pipeline:
@@ -74,17 +71,16 @@ class Pipeline:
         """`replicas` is a Serve DeploymentHandle to CaptionReplica."""
         self.settings = settings
         self.name = name
-        info = replicas.info.remote().result()
-        self.model_record: dict[str, Any] = info["model"]
-        self._size = (info["height"], info["width"])
-        self._resample = info["resample"]
+        info: ReplicaInfo = replicas.info.remote().result()
+        self.model_record: dict[str, Any] = info.model
         worker = settings.worker
         self.window = InFlightWindow(worker.max_in_flight, worker.low_watermark)
         self.cache = CaptionCache(worker.cache_size)
-        self.fetcher = Fetcher(make_s3_client(settings.s3), settings.s3, settings.limits)
+        fetcher = Fetcher(make_s3_client(settings.s3), settings.s3, settings.limits)
+        self.stages = Stages(settings, fetcher, info.input_size)
         self.sink = Sink(settings.kafka, settings.limits)
         self.sources = [
-            KafkaSource(settings.kafka, settings.limits, worker, self.window, self._on_record, name=f"{name}-{i}")
+            KafkaSource(settings.kafka, settings.limits, worker, self.window, self._on_delivery, name=f"{name}-{i}")
             for i in range(settings.kafka.consumers)
         ]
         self.failed = threading.Event()
@@ -153,60 +149,58 @@ class Pipeline:
         """Block until stop() was requested or a fatal error happened."""
         return self._stop.wait(timeout)
 
-    # -- stages -------------------------------------------------------------------------------
+    # -- stages ----------------------------------------------------------------------------
 
-    def _on_record(self, source: KafkaSource, record: ConsumerRecord) -> None:
+    def _on_delivery(self, delivery: Delivery) -> None:
         """Called on the poll thread: must return at once."""
-        self._pool.submit(self._prepare, _Job(source, record))
+        self._submit(self._prepare, _Job(delivery))
+
+    def _submit(self, fn: Any, job: _Job, *args: Any) -> None:
+        """Run on the work pool; once the pool is shut down (a drain that timed out), the record
+        is abandoned: its offset is never committed, so it is delivered again."""
+        try:
+            self._pool.submit(fn, job, *args)
+        except RuntimeError:
+            log.warning("work pool closed; %s will be redelivered", job.delivery.source)
+            job.delivery.abandon()
 
     def _prepare(self, job: _Job) -> None:
         """Parse, fetch, cache lookup, decode: the CPU side, on the work pool."""
         try:
             self._prepare_stages(job)
         except Exception as e:  # a bug in our own code must still end as an outcome
-            log.exception("unexpected error at %s", job.coordinates)
+            log.exception("unexpected error at %s", job.delivery.source)
             code = ErrorCode.INVALID_MESSAGE if job.request is None else ErrorCode.FETCH_FAILED
-            self._publish_dead_letter(job, Rejected(code, describe(e)))
+            self._finish(job, self._dead_letter(job, Rejected(code, describe(e))))
 
     def _prepare_stages(self, job: _Job) -> None:
-        settings = self.settings
-        record = job.record
+        delivery = job.delivery
         try:
-            job.request = parse_request(
-                record.value,
-                defaults=settings.generation,
-                limits=settings.limits,
-                key=record.key,
-                headers=list(record.headers or []),
-                source=job.coordinates,
+            job.request = self.stages.parse(
+                delivery.value, key=delivery.key, headers=delivery.headers, source=delivery.source
             )
-            if not self._still_ours(job):
+            if not delivery.owned:  # revoked while queued: skip the fetch, the new owner redoes it
+                delivery.abandon()
                 return
-            with _timed(job, "fetch"):
-                fetched = run_stage(ErrorCode.FETCH_FAILED, self.fetcher.fetch, job.request.image)
+            fetched = self.stages.fetch(job.request.image, job.timings_ms)
             job.attempts = fetched.attempts
             key = self.cache.key(fetched.data, job.request.params)
             hit = self.cache.get(key)
             if hit is not None:
                 metrics.CACHE_HITS.inc()
-                self._publish_result(job, hit, cached=True)
+                self._finish(job, self._result(job, hit, cached=True))
                 return
             metrics.CACHE_MISSES.inc()
-            with _timed(job, "decode"):
-                prepared = run_stage(
-                    ErrorCode.INVALID_IMAGE,
-                    images.prepare,
-                    fetched.data,
-                    size=self._size,
-                    resample=self._resample,
-                    max_pixels=settings.limits.max_image_pixels,
-                )
+            prepared = self.stages.decode(fetched.data, job.timings_ms)
         except Rejected as e:
             job.attempts = max(job.attempts, e.attempts)
-            self._publish_dead_letter(job, e)
+            self._finish(job, self._dead_letter(job, e))
             return
         future = asyncio.run_coroutine_threadsafe(self._infer(job, prepared.pixels), self._loop)
-        future.add_done_callback(lambda f: self._after_inference(job, key, prepared, f))
+        # The loop only awaits; building and publishing the outcome goes back to the pool.
+        future.add_done_callback(
+            lambda f: self._submit(self._after_inference, job, key, (prepared.width, prepared.height), f)
+        )
 
     async def _infer(self, job: _Job, pixels: Any) -> ReplicaAnswer:
         assert job.request is not None
@@ -216,23 +210,23 @@ class Pipeline:
         except (InferenceError, ReplicaCallFailed) as e:
             raise Rejected(ErrorCode.INFERENCE_FAILED, str(e)) from None
         job.timings_ms["inference"] = answer.inference_ms
-        job.timings_ms["queue"] = max(0.0, (time.perf_counter() - start) * 1000 - answer.inference_ms)
+        job.timings_ms["queue"] = max(0.0, elapsed_ms(start) - answer.inference_ms)
         return answer
 
-    def _after_inference(self, job: _Job, key: Any, prepared: images.Prepared, future: Any) -> None:
+    def _after_inference(self, job: _Job, key: Any, size: tuple[int, int], future: Any) -> None:
         try:
             answer: ReplicaAnswer = future.result()
         except Rejected as e:
-            self._publish_dead_letter(job, e)
+            self._finish(job, self._dead_letter(job, e))
             return
         except Exception as e:  # a bug in our own code must still end as an outcome
-            self._publish_dead_letter(job, Rejected(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {e}"))
+            self._finish(job, self._dead_letter(job, Rejected(ErrorCode.INFERENCE_FAILED, describe(e))))
             return
         metrics.BATCH_SIZE.observe(answer.batch_size)
         metrics.STAGE_LATENCY.labels("inference").observe(answer.inference_ms / 1000)
-        value = CachedCaption(answer.captions, answer.scores, prepared.width, prepared.height)
+        value = CachedCaption(answer.captions, answer.scores, *size)
         self.cache.put(key, value)
-        self._publish_result(job, value, cached=False)
+        self._finish(job, self._result(job, value, cached=False))
 
     @staticmethod
     def _on_inference_retry(attempt: int, error: BaseException) -> None:
@@ -241,11 +235,9 @@ class Pipeline:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _publish_result(self, job: _Job, caption: CachedCaption, *, cached: bool) -> None:
+    def _result(self, job: _Job, caption: CachedCaption, *, cached: bool) -> Result:
         assert job.request is not None
-        if not self._still_ours(job):
-            return
-        job.timings_ms["total"] = (time.perf_counter() - job.started) * 1000
+        job.timings_ms["total"] = elapsed_ms(job.delivery.taken_at)
         metrics.STAGE_LATENCY.labels("total").observe(job.timings_ms["total"] / 1000)
         record = result_record(
             job.request,
@@ -257,68 +249,39 @@ class Pipeline:
             timings_ms=job.timings_ms,
             scores=caption.scores,
         )
-        self._send(job, lambda on_ack: self.sink.send_result(job.request, record, on_ack), "result")
+        return Result.for_request(job.request, record)
 
-    def _publish_dead_letter(self, job: _Job, error: Rejected) -> None:
-        if not self._still_ours(job):
-            return
-        record = dead_letter_record(
-            code=error.code,
-            message=error.message,
-            value=job.record.value,
-            source=job.coordinates,
+    def _dead_letter(self, job: _Job, error: Rejected) -> DeadLetter:
+        d = job.delivery
+        log.info("dead letter %s at %s: %s", error.code, d.source, error.message)
+        return dead_letter(
+            error, value=d.value, key=d.key, headers=d.headers, source=d.source, request=job.request,
             attempts=job.attempts,
-            request_id=job.request.id if job.request else None,
-        )
-        key = job.record.key or (job.request.id.encode() if job.request else None)
-        headers = list(job.record.headers or [])
-        log.info("dead letter %s at %s: %s", error.code, job.coordinates, error.message)
-        self._send(
-            job,
-            lambda on_ack: self.sink.send_dead_letter(record, key=key, headers=headers, on_ack=on_ack),
-            f"dead_letter:{error.code}",
         )
 
-    def _send(self, job: _Job, send: Any, kind: str, attempt: int = 1) -> None:
-        def on_ack(error: Exception | None) -> None:
-            if error is None:
-                self._acked(job, kind)
-            elif attempt < self.settings.worker.produce_attempts:
-                metrics.PRODUCE_ERRORS.inc()
-                self._send(job, send, kind, attempt + 1)
+    def _finish(self, job: _Job, outcome: Outcome) -> None:
+        if not job.delivery.owned:  # a rebalance took the partition: its new owner redoes it
+            job.delivery.abandon()
+            return
+        self._send(job, outcome, 1)
+
+    def _send(self, job: _Job, outcome: Outcome, attempt: int) -> None:
+        self.sink.send(outcome, lambda error: self._on_ack(job, outcome, attempt, error))
+
+    def _on_ack(self, job: _Job, outcome: Outcome, attempt: int, error: Exception | None) -> None:
+        """On the producer's I/O thread: bookkeeping only; a re-send goes back to the pool."""
+        if error is None:
+            job.delivery.settle()
+            if isinstance(outcome, Result):
+                metrics.RESULTS.labels(self.settings.kafka.output_topic).inc()
             else:
-                metrics.PRODUCE_ERRORS.inc()
-                log.error("broker did not acknowledge %s at %s: %s; stopping", kind, job.coordinates, error)
-                self.failed.set()
-                self._stop.set()
-                self.window.release()
-
-        send(on_ack)
-
-    def _acked(self, job: _Job, kind: str) -> None:
-        job.source.tracker.done(job.tp, job.record.offset)
-        self.window.release()
-        if kind == "result":
-            metrics.RESULTS.labels(self.settings.kafka.output_topic).inc()
-        else:
-            metrics.DEAD_LETTERS.labels(kind.split(":", 1)[1]).inc()
-
-    def _still_ours(self, job: _Job) -> bool:
-        """After a rebalance took the partition, skip the rest: its new owner redoes it."""
-        if job.source.tracker.owns(job.tp, job.record.offset):
-            return True
-        self.window.release()
-        return False
-
-
-class _timed:
-    def __init__(self, job: _Job, stage: str):
-        self.job, self.stage = job, stage
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.job.timings_ms[self.stage] = elapsed * 1000
-        metrics.STAGE_LATENCY.labels(self.stage).observe(elapsed)
+                metrics.DEAD_LETTERS.labels(str(outcome.code)).inc()
+            return
+        metrics.PRODUCE_ERRORS.inc()
+        if attempt < self.settings.worker.produce_attempts:
+            self._submit(self._send, job, outcome, attempt + 1)
+            return
+        log.error("broker did not acknowledge the outcome of %s: %s; stopping", job.delivery.source, error)
+        self.failed.set()
+        self._stop.set()
+        job.delivery.abandon()

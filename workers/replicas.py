@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,31 +27,17 @@ from ray import serve
 
 from workers.config import ModelConfig, ReplicasConfig, S3Config
 from workers.contract import describe
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
+from workers.replica_api import InferenceError, ReplicaAnswer, ReplicaInfo
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "CaptionReplica"
 
 
-@dataclass(frozen=True)
-class ReplicaAnswer:
-    """What a replica returns per image: plain data, cheap to serialise."""
-
-    captions: list[str]
-    scores: list[float] | None
-    batch_size: int
-    inference_ms: float
-    error: str | None = None  # why this image's group failed; raised to its caller alone
-
-
 def _images_in(calls: list[list[Any]]) -> int:
     """@serve.batch's size of a batch: images, whatever calls brought them."""
     return sum(len(call) for call in calls)
-
-
-class InferenceError(RuntimeError):
-    """generate failed for this request's params group."""
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -160,30 +145,30 @@ class CaptionReplica:
             except Exception as e:
                 # @serve.batch fails every caller of a batch when the function raises; one bad
                 # params group must not take down the requests batched beside it.
-                log.warning("generate failed for %d image(s): %s: %s", len(indices), type(e).__name__, e)
+                log.warning("generate failed for %d image(s): %s", len(indices), describe(e))
                 for i in indices:
-                    answers[i] = ReplicaAnswer([], None, len(items), 0.0, error=f"{type(e).__name__}: {e}")
+                    answers[i] = ReplicaAnswer([], None, len(items), 0.0, error=describe(e))
                 continue
             elapsed_ms = (time.perf_counter() - start) * 1000
             for i, out in zip(indices, outputs, strict=True):
                 answers[i] = ReplicaAnswer(out.captions, out.scores, len(items), elapsed_ms)
         return [a for a in answers if a is not None]
 
-    async def info(self) -> dict[str, Any]:
-        """Model identity, input spec and placement (waits for the model): the pipeline sizes images from it."""
+    async def info(self) -> ReplicaInfo:
+        """Model identity, input spec and placement (waits for the model): callers size images from it."""
         await self._wait_loaded()
         spec = self.model.info.spec
-        return {
-            "model": self.model.info.as_record(),
-            "height": spec.height,
-            "width": spec.width,
-            "resample": int(spec.resample),
-            "device": self.device,
-            "gpu_ids": self.gpu_ids,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "replica_id": serve.get_replica_context().replica_id.unique_id,
-            "pid": os.getpid(),
-        }
+        return ReplicaInfo(
+            model=self.model.info.as_record(),
+            height=spec.height,
+            width=spec.width,
+            resample=int(spec.resample),
+            device=self.device,
+            gpu_ids=self.gpu_ids,
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            replica_id=serve.get_replica_context().replica_id.unique_id,
+            pid=os.getpid(),
+        )
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes this replica ran, and its backend's counters (TF: compiles, shape cache)."""
@@ -236,104 +221,3 @@ def replica_app(model: ModelConfig, s3: S3Config | None, replicas: ReplicasConfi
         replicas.max_batch_size,
         replicas.batch_wait_timeout_s,
     )
-
-
-class ReplicaCallFailed(RuntimeError):
-    """The replicas did not answer a micro-batch after every attempt (e.g. replicas killed)."""
-
-
-class ReplicaClient:
-    """The caller's side of the replicas: images become `caption_many` micro-batches.
-
-    While a call is in flight, images submitted within `wait_s` of the first one (up to
-    `max_batch_size`) share the next call; when none is in flight the replicas are idle and an
-    image goes at once (waiting would only add latency). Calls are not awaited one by one, so
-    several can be in flight and the replicas' @serve.batch merges them. A call that fails as a whole (a replica died under it) is retried
-    up to `attempts` times; a failed generate comes back in-band as that image's error and is
-    not retried (the same params would fail again). Use from one asyncio loop.
-    """
-
-    def __init__(
-        self,
-        handle: Any,
-        *,
-        max_batch_size: int,
-        wait_s: float,
-        attempts: int,
-        on_retry: Any = None,
-    ):
-        self.handle = handle
-        self.max_batch_size = max_batch_size
-        self.wait_s = wait_s
-        self.attempts = attempts
-        self.on_retry = on_retry
-        self._queue: asyncio.Queue[tuple[np.ndarray, GenerationParams, asyncio.Future[ReplicaAnswer]]] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._in_flight = 0
-
-    async def close(self) -> None:
-        """Cancel the batch former and outstanding calls (their callers get CancelledError)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def caption(self, pixels: np.ndarray, params: GenerationParams) -> ReplicaAnswer:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._spawn(self._form_batches())
-        future: asyncio.Future[ReplicaAnswer] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((pixels, params, future))
-        answer = await future
-        if answer.error is not None:
-            raise InferenceError(answer.error)
-        return answer
-
-    async def _form_batches(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + (self.wait_s if self._in_flight else 0.0)
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0 and self._queue.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(remaining, 0)))
-                except asyncio.TimeoutError:
-                    break
-            self._spawn(self._call(batch))
-
-    async def _call(self, batch: list[tuple[np.ndarray, GenerationParams, asyncio.Future[ReplicaAnswer]]]) -> None:
-        self._in_flight += 1
-        try:
-            await self._call_with_retries(batch)
-        finally:
-            self._in_flight -= 1
-
-    async def _call_with_retries(
-        self, batch: list[tuple[np.ndarray, GenerationParams, asyncio.Future[ReplicaAnswer]]]
-    ) -> None:
-        items = [(pixels, params) for pixels, params, _ in batch]
-        error: BaseException | None = None
-        for attempt in range(1, self.attempts + 1):
-            try:
-                answers: list[ReplicaAnswer] = await self.handle.caption_many.remote(items)
-            except Exception as e:  # the replica died or Serve could not reach one
-                error = e
-                if attempt < self.attempts and self.on_retry is not None:
-                    self.on_retry(attempt, e)
-                continue
-            for (_, _, future), answer in zip(batch, answers, strict=True):
-                if not future.done():
-                    future.set_result(answer)
-            return
-        failure = ReplicaCallFailed(describe(error) if error else "no attempt made")
-        for _, _, future in batch:
-            if not future.done():
-                future.set_exception(failure)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)  # keep a reference: the loop holds tasks only weakly
-        task.add_done_callback(self._tasks.discard)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.panel import Panel
 from rich.table import Table
 
 from workers import metrics
 from workers.config import DEFAULT_MODEL, TINY_RANDOM, RayConfig, Settings
+from workers.ui import untrained_banner
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -55,16 +55,23 @@ def start_ray(cfg: RayConfig) -> None:
     )
 
 
+def start_serve(settings: Settings, *, http: bool) -> None:
+    """Serve on the local Ray: HTTP proxy on the head (settings.http) or none at all."""
+    from ray import serve
+
+    serve.start(
+        proxy_location="HeadOnly" if http else "Disabled",
+        http_options={"host": settings.http.host, "port": settings.http.port},
+    )
+
+
 def deploy_replicas(settings: Settings, *, http: bool = False) -> Any:
     """Deploy the replica application and return its handle once every replica is ready."""
     from ray import serve
 
     from workers.replicas import replica_app
 
-    serve.start(
-        proxy_location="HeadOnly" if http else "Disabled",
-        http_options={"host": settings.http.host, "port": settings.http.port},
-    )
+    start_serve(settings, http=http)
     return serve.run(
         replica_app(settings.model, settings.s3, settings.replicas),
         name=f"{settings.ray.app_name}-replicas",
@@ -142,7 +149,7 @@ def serve_http(settings: Settings) -> int:
         import ray
 
         try:
-            serve.start(proxy_location="HeadOnly", http_options={"host": resolved.http.host, "port": resolved.http.port})
+            start_serve(resolved, http=True)
             serve.run(application(resolved), name=resolved.ray.app_name, route_prefix=resolved.http.route_prefix)
             url = f"http://{resolved.http.host}:{resolved.http.port}{resolved.http.route_prefix.rstrip('/')}"
             console.print(f"[bold green]captioner serving[/] {url}/v1/captions (OpenAPI: {url}/docs); "
@@ -174,17 +181,6 @@ def _stop_on_signals(pipeline: Any) -> Any:
     return stop
 
 
-def untrained_banner(name: str) -> Panel:
-    return Panel(
-        f"The model [bold]{name}[/] has RANDOM, UNTRAINED weights.\n"
-        "Its captions are meaningless tokens, shown only to prove the pipeline works end to end.\n"
-        f"For real captions put the pretrained checkpoint ({DEFAULT_MODEL}) in the Hugging Face\n"
-        "cache or a local directory and pass --model.",
-        title="[bold red]UNTRAINED MODEL[/]",
-        border_style="bold red",
-    )
-
-
 def pretrained_available(source: str = DEFAULT_MODEL) -> bool:
     """Whether the pretrained checkpoint is in the local HF cache (the demo never downloads)."""
     try:
@@ -214,8 +210,8 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
     with running_system(settings) as (resolved, replicas):
         from kafka import KafkaProducer
 
-        from workers.fetch import make_s3_client
         from workers.kafkaclient import producer_kwargs
+        from workers.s3 import make_s3_client
 
         bucket = next(b for b in resolved.s3.allowed_buckets if b != "*")
         s3 = make_s3_client(resolved.s3)

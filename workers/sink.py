@@ -28,16 +28,10 @@ class Sink:
         self.cfg = cfg
         self._producer = KafkaProducer(**{**producer_kwargs(cfg, limits), **producer_overrides})
 
-    def send_result(self, request: contract.Request, record: dict[str, Any], on_ack: OnAck) -> None:
-        """Publish a result; the key is the request's key, else its id (so one id keeps its partition)."""
-        key = request.key if request.key is not None else request.id.encode("utf-8")
-        self._send(self.cfg.output_topic, contract.encode(record), key, request.headers, on_ack)
-
-    def send_dead_letter(
-        self, record: dict[str, Any], *, key: bytes | None, headers: Headers | None, on_ack: OnAck
-    ) -> None:
-        """Publish a dead letter; key and headers are the original request's (CONTRACT-NOTES)."""
-        self._send(self.cfg.dead_letter_topic, contract.encode(record), key, headers or (), on_ack)
+    def send(self, outcome: contract.Outcome, on_ack: OnAck) -> None:
+        """Publish a result or a dead letter with its key and headers (CONTRACT-NOTES)."""
+        topic = self.cfg.output_topic if isinstance(outcome, contract.Result) else self.cfg.dead_letter_topic
+        self._send(topic, contract.encode(outcome.record), outcome.key, outcome.headers, on_ack)
 
     def _send(self, topic: str, value: bytes, key: bytes | None, headers: Headers, on_ack: OnAck) -> None:
         try:

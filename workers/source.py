@@ -1,6 +1,7 @@
 """The source stage: one consumer-group member's poll loop.
 
-The loop never waits on inference: it hands each record to the pipeline (which returns at once)
+The loop never waits on inference: it issues a `Delivery` ticket per record (taking a window slot
+and opening the offset, see workers/delivery.py) and hands it to the pipeline (which returns at once)
 and goes back to polling, so a long batch cannot trip `max.poll.interval.ms`. Backpressure is a
 window of open records: at `max_in_flight` every assigned partition is paused, and resumed once
 the window drains below the low-water mark. A record that arrives while the window is full is
@@ -21,53 +22,20 @@ import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from workers import metrics
 from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
+from workers.delivery import Delivery, InFlightWindow, issue
 from workers.kafkaclient import consumer_kwargs
 from workers.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 
 
-class InFlightWindow:
-    """Counts records between poll and acknowledged outcome; shared by a process's sources."""
-
-    def __init__(self, limit: int, low: int):
-        self.limit = limit
-        self.low = low
-        self.peak = 0
-        self._count = 0
-        self._cond = threading.Condition()
-
-    def try_acquire(self) -> bool:
-        with self._cond:
-            if self._count >= self.limit:
-                return False
-            self._count += 1
-            self.peak = max(self.peak, self._count)
-            metrics.IN_FLIGHT.set(self._count)
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            self._count -= 1
-            metrics.IN_FLIGHT.set(self._count)
-            self._cond.notify_all()
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def free(self) -> int:
-        return self.limit - self._count
-
-
-RecordHandler = Callable[["KafkaSource", ConsumerRecord], None]
+DeliveryHandler = Callable[[Delivery], None]
 
 
 class KafkaSource:
@@ -77,9 +45,10 @@ class KafkaSource:
         limits: LimitsConfig,
         worker: WorkerConfig,
         window: InFlightWindow,
-        handle: RecordHandler,
+        handle: DeliveryHandler,
         *,
         name: str = "source-0",
+        consumer_factory: Callable[..., KafkaConsumer] = KafkaConsumer,
     ):
         self.kafka = kafka
         self.limits = limits
@@ -92,11 +61,12 @@ class KafkaSource:
         self.assignment: set[TopicPartition] = set()
         self._paused = False
         self._consumer: KafkaConsumer | None = None
+        self._consumer_factory = consumer_factory
 
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        consumer = KafkaConsumer(**consumer_kwargs(self.kafka, self.limits))
+        consumer = self._consumer_factory(**consumer_kwargs(self.kafka, self.limits))
         self._consumer = consumer
         consumer.subscribe([self.kafka.input_topic], listener=_Rebalance(self))
         self.started.set()
@@ -108,13 +78,13 @@ class KafkaSource:
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=max(free, 1))
                 for tp, records in batch.items():
                     for record in records:
-                        if not self.window.try_acquire():
+                        delivery = issue(record, self.tracker, self.window)
+                        if delivery is None:
                             # Full: rewind so this record is read again after resume.
                             consumer.seek(tp, record.offset)
                             break
                         metrics.CONSUMED.labels(record.topic).inc()
-                        self.tracker.started(tp, record.offset)
-                        self.handle(self, record)
+                        self.handle(delivery)
                 if time.monotonic() - last_commit >= self.kafka.commit_interval_s:
                     self._commit(consumer)
                     last_commit = time.monotonic()

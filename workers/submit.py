@@ -14,12 +14,12 @@ from typing import Any
 
 from workers import contract
 from workers.config import Settings
-from workers.fetch import make_s3_client
+from workers.images import IMAGE_SUFFIXES
 from workers.kafkaclient import producer_kwargs
+from workers.s3 import bucket_allowed, is_s3_uri, join_uri, list_objects, make_s3_client, split_uri
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 UPLOAD_PREFIX = "submitted"
 
 
@@ -40,7 +40,7 @@ def submit(settings: Settings, inputs: list[str], *, topic: str | None = None, b
     s3 = make_s3_client(settings.s3)
     requests: list[dict[str, str]] = []
     for item in inputs:
-        if item.lower().startswith(contract.S3_SCHEME):
+        if is_s3_uri(item):
             requests.extend(_requests_from_prefix(s3, item, allowed))
         else:
             target = bucket or _default_bucket(allowed)
@@ -57,23 +57,22 @@ def _default_bucket(allowed: list[str]) -> str:
 
 def _check_allowed(bucket: str, allowed: list[str]) -> None:
     # The worker would dead-letter every request as forbidden_reference; say so now instead.
-    if "*" not in allowed and bucket not in allowed:
+    if not bucket_allowed(bucket, allowed):
         raise SubmitError(f"bucket {bucket!r} is not in s3.allowed_buckets {allowed}")
 
 
 def _requests_from_prefix(s3: Any, uri: str, allowed: list[str]) -> Iterator[dict[str, str]]:
-    bucket, _, prefix = uri[len(contract.S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise SubmitError(f"no bucket in {uri!r}")
+    try:
+        bucket, prefix = split_uri(uri)
+    except ValueError as e:
+        raise SubmitError(str(e)) from None
     _check_allowed(bucket, allowed)
     found = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if key.endswith("/") or Path(key).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            found += 1
-            yield {"id": key.rsplit("/", 1)[-1], "image": f"{contract.S3_SCHEME}{bucket}/{key}"}
+    for obj in list_objects(s3, bucket, prefix):
+        if Path(obj.key).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        found += 1
+        yield {"id": obj.key.rsplit("/", 1)[-1], "image": join_uri(bucket, obj.key)}
     if not found:
         log.warning("no image objects under %s", uri)
 
@@ -92,7 +91,7 @@ def _requests_from_files(s3: Any, path: Path, bucket: str, allowed: list[str]) -
         # duplicates in the bucket, and two different files with one name cannot collide.
         key = f"{UPLOAD_PREFIX}/{hashlib.sha256(data).hexdigest()[:16]}/{file.name}"
         s3.put_object(Bucket=bucket, Key=key, Body=data)
-        yield {"id": file.name, "image": f"{contract.S3_SCHEME}{bucket}/{key}"}
+        yield {"id": file.name, "image": join_uri(bucket, key)}
 
 
 def _produce(settings: Settings, topic: str, requests: list[dict[str, str]]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 if TYPE_CHECKING:
     from workers.model.core import CaptionModel, CaptionOutput, ModelInfo, load_model

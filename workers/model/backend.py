@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 
 @dataclass(frozen=True)

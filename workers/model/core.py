@@ -17,7 +17,7 @@ import numpy as np
 from workers.config import ModelConfig, S3Config
 from workers.model.backend import Backend
 from workers.model.loading import resolve_model_dir
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 from workers.model.preprocess import PreprocessSpec, normalize, spec_from_dir
 
 log = logging.getLogger(__name__)

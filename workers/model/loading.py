@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from workers.config import TINY_RANDOM, ModelConfig, S3Config
+from workers.contract import describe
+from workers.s3 import is_s3_uri, list_objects, make_s3_client, split_uri
 
-S3_SCHEME = "s3://"
 UNTRAINED_MARKER = "captioner-untrained.json"
 MODEL_CONFIG = "config.json"
 # Completion marker of an s3 download: a directory without it is a crashed half download.
@@ -67,7 +68,7 @@ def resolve_model_dir(cfg: ModelConfig, s3_cfg: S3Config | None = None) -> Resol
     if source == TINY_RANDOM:
         path = _cached_tiny_random(Path(cfg.cache_dir))
         return ResolvedModel(path=path, name=TINY_RANDOM, untrained=True)
-    if source.lower().startswith(S3_SCHEME):
+    if is_s3_uri(source):
         path = download_s3_model(source, Path(cfg.cache_dir), s3_cfg)
         return ResolvedModel(path=path, name=source, untrained=is_untrained(path))
     local = Path(source).expanduser()
@@ -131,7 +132,7 @@ def hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
     except Exception as e:
         raise ModelSourceError(
             f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"(hub offline or unreachable: {type(e).__name__}: {e}). {hint}"
+            f"(hub offline or unreachable: {describe(e)}). {hint}"
         ) from None
 
 
@@ -140,9 +141,10 @@ def hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/prefix` → (bucket, prefix with a trailing '/' or '')."""
-    bucket, _, prefix = uri[len(S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise ModelSourceError(f"no bucket in {uri!r}")
+    try:
+        bucket, prefix = split_uri(uri)
+    except ValueError as e:
+        raise ModelSourceError(str(e)) from None
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     return bucket, prefix
@@ -151,8 +153,6 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 def download_s3_model(uri: str, cache_dir: Path, s3_cfg: S3Config | None) -> Path:
     """Download the objects under an s3:// prefix once; later calls reuse them while every key's
     ETag is unchanged (the directory name is a digest of the listed keys and ETags)."""
-    from workers.fetch import make_s3_client
-
     if s3_cfg is None or s3_cfg.embedded:
         raise ModelSourceError(
             f"model source {uri} needs an S3 endpoint: pass the resolved S3 settings "
@@ -162,19 +162,17 @@ def download_s3_model(uri: str, cache_dir: Path, s3_cfg: S3Config | None) -> Pat
     client = make_s3_client(s3_cfg)
     objects: list[tuple[str, str]] = []  # (key relative to the prefix, ETag)
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                relative = obj["Key"][len(prefix) :]
-                if not relative or relative.endswith("/"):
-                    continue  # "folder" marker objects
-                parts = relative.split("/")
-                if any(p in ("", ".", "..") for p in parts):
-                    raise ModelSourceError(f"refusing object key {obj['Key']!r}: it would escape the model directory")
-                objects.append((relative, obj["ETag"]))
+        for obj in list_objects(client, bucket, prefix):
+            relative = obj.key[len(prefix) :]
+            if not relative:
+                continue
+            if any(p in ("", ".", "..") for p in relative.split("/")):
+                raise ModelSourceError(f"refusing object key {obj.key!r}: it would escape the model directory")
+            objects.append((relative, obj.etag))
     except ModelSourceError:
         raise
     except Exception as e:
-        raise ModelSourceError(f"cannot list {uri}: {type(e).__name__}: {e}") from None
+        raise ModelSourceError(f"cannot list {uri}: {describe(e)}") from None
     if not objects:
         raise ModelSourceError(f"no objects under {uri}")
     objects.sort()
@@ -199,7 +197,7 @@ def download_s3_model(uri: str, cache_dir: Path, s3_cfg: S3Config | None) -> Pat
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, ModelSourceError):
             raise
-        raise ModelSourceError(f"cannot download {uri}: {type(e).__name__}: {e}") from None
+        raise ModelSourceError(f"cannot download {uri}: {describe(e)}") from None
     return target
 
 

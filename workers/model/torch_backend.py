@@ -10,7 +10,7 @@ import torch
 from transformers import VisionEncoderDecoderModel
 
 from workers.model.backend import Generated
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 
 class _DropPaddedTextWarnings(logging.Filter):
