@@ -75,3 +75,21 @@ def test_wait_settled_returns_when_other_threads_finish():
     assert t.wait_settled({TP}, timeout=10) == 0
     assert t.in_flight({OTHER}) == 1
     assert t.wait_settled({OTHER}, timeout=0.01) == 1
+
+
+def test_offsets_moving_backwards_start_tracking_over_and_never_commit_past_open_work():
+    resets: list[TopicPartition] = []
+    t = OffsetTracker(on_reset=resets.append)
+    old_epoch = t.started(TP, 500)
+    t.started(TP, 501)
+    t.done(TP, 500, old_epoch)
+    assert t.to_commit() == {TP: 501}
+    t.committed({TP: 501})
+    # The log was truncated (or the group reset to earliest): reading starts again at 0.
+    new_epoch = t.started(TP, 0)
+    assert resets == [TP] and new_epoch != old_epoch
+    assert t.to_commit() == {}, "offset 0 is open: nothing may be committed, least of all 501"
+    assert not t.done(TP, 501, old_epoch), "an outcome from before the reset moves nothing"
+    assert t.to_commit() == {}
+    t.done(TP, 0, new_epoch)
+    assert t.to_commit() == {TP: 1}

@@ -57,7 +57,7 @@ async def wait_until(condition: Any, timeout: float = 5) -> None:
 def test_idle_client_sends_at_once_then_groups_while_a_call_is_in_flight() -> None:
     async def scenario() -> None:
         handle = FakeHandle()
-        client = ReplicaClient(handle, max_batch_size=4, wait_s=5.0, attempts=1)
+        client = ReplicaClient(handle, max_batch_size=4, wait_s=5.0, retry_budget_s=0, call_timeout_s=30)
         first = asyncio.ensure_future(client.caption(image(0), PARAMS))
         await wait_until(lambda: handle.calls == [1])  # idle: no waiting for a batch to fill
         rest = [asyncio.ensure_future(client.caption(image(i), PARAMS)) for i in range(1, 9)]
@@ -76,7 +76,10 @@ def test_a_failed_call_is_retried_then_fails_every_image_of_it() -> None:
         retries: list[int] = []
         handle = FakeHandle(failures=5)
         handle.release.set()
-        client = ReplicaClient(handle, max_batch_size=4, wait_s=0.0, attempts=2, on_retry=lambda n, _e: retries.append(n))
+        client = ReplicaClient(
+            handle, max_batch_size=4, wait_s=0.0, retry_budget_s=30, call_timeout_s=30, max_attempts=2,
+            on_retry=lambda n, _e: retries.append(n),
+        )
         with pytest.raises(ReplicaCallFailed, match="ConnectionError: replica died"):
             await client.caption(image(1), PARAMS)
         assert handle.calls == [1, 1] and retries == [1]
@@ -91,7 +94,7 @@ def test_a_failed_call_is_retried_then_fails_every_image_of_it() -> None:
 def test_a_failed_group_fails_its_own_image_only() -> None:
     async def scenario() -> None:
         handle = FakeHandle(bad_marker=3)
-        client = ReplicaClient(handle, max_batch_size=2, wait_s=5.0, attempts=3)
+        client = ReplicaClient(handle, max_batch_size=2, wait_s=5.0, retry_budget_s=30, call_timeout_s=30)
         first = asyncio.ensure_future(client.caption(image(0), PARAMS))
         await wait_until(lambda: handle.calls == [1])
         bad = asyncio.ensure_future(client.caption(image(3), PARAMS))
@@ -106,3 +109,73 @@ def test_a_failed_group_fails_its_own_image_only() -> None:
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_unavailable_replicas_are_retried_with_backoff_until_the_budget_is_spent() -> None:
+    async def scenario() -> None:
+        handle = FakeHandle(failures=4)  # e.g. replicas restarting during an upgrade
+        handle.release.set()
+        retries: list[int] = []
+        client = ReplicaClient(
+            handle, max_batch_size=4, wait_s=0.0, retry_budget_s=30, call_timeout_s=30,
+            on_retry=lambda n, _e: retries.append(n),
+        )
+        answer = await client.caption(image(5), PARAMS)
+        assert answer.captions == ["caption 5"], "a transient outage is not the image's failure"
+        assert retries == [1, 2, 3, 4]
+        handle.failures = 1000
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(ReplicaCallFailed):
+            await ReplicaClient(handle, max_batch_size=4, wait_s=0.0, retry_budget_s=0.5, call_timeout_s=30).caption(
+                image(6), PARAMS
+            )
+        assert asyncio.get_running_loop().time() - start < 5, "gives up once the budget is spent"
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_hung_call_is_cancelled_at_its_deadline_and_retried() -> None:
+    async def scenario() -> None:
+        handle = FakeHandle()  # never answers until released
+        timeouts: list[int] = []
+
+        def on_timeout() -> None:
+            timeouts.append(1)
+            handle.release.set()  # the replica comes back after the first hung call
+
+        client = ReplicaClient(
+            handle, max_batch_size=4, wait_s=0.0, retry_budget_s=30, call_timeout_s=0.2, on_timeout=on_timeout
+        )
+        answer = await asyncio.wait_for(client.caption(image(7), PARAMS), 10)
+        assert answer.captions == ["caption 7"]
+        assert timeouts == [1] and handle.calls == [1, 1]
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_out_of_memory_splits_the_batch_before_failing_one_image() -> None:
+    from workers.model.core import CaptionOutput
+    from workers.replicas import run_splitting
+
+    calls: list[int] = []
+
+    def caption(pixels: np.ndarray, params: GenerationParams) -> list[CaptionOutput]:
+        calls.append(len(pixels))
+        if len(pixels) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(int(p[0, 0, 0]) == 3 for p in pixels) and len(pixels) > 1:
+            raise RuntimeError("CUDA out of memory (image 3 is huge)")
+        if any(int(p[0, 0, 0]) == 3 for p in pixels):
+            raise RuntimeError("CUDA out of memory even alone")
+        return [CaptionOutput([f"c{int(p[0, 0, 0])}"], [0], None) for p in pixels]
+
+    answers = run_splitting(caption, [image(i) for i in range(8)], PARAMS, 8)
+    assert [a.captions for a in answers] == [[f"c{i}"] for i in range(8) if i != 3][:3] + [[]] + [
+        [f"c{i}"] for i in range(4, 8)
+    ]
+    assert answers[3].error is not None and "out of memory" in answers[3].error
+    assert calls[0] == 8 and min(calls) == 1, calls
+    not_oom = run_splitting(lambda *_: (_ for _ in ()).throw(ValueError("bad params")), [image(1), image(2)], PARAMS, 2)
+    assert [a.error for a in not_oom] == ["ValueError: bad params"] * 2, "a real failure is not split"

@@ -76,7 +76,7 @@ def worker_settings(bootstrap: str, s3_server: Any, **sections: Any) -> Settings
         "kafka": kafka_config(bootstrap, commit_interval_s=0.2, poll_timeout_ms=100),
         "s3": s3_server.s3_config(allowed_buckets=[BUCKET, "private"], max_attempts=2, backoff_s=0.01),
         "replicas": ReplicasConfig(num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.05),
-        "worker": WorkerConfig(max_in_flight=32, drain_timeout_s=30, revoke_grace_s=5),
+        "worker": WorkerConfig(max_in_flight=32, drain_timeout_s=30, revoke_grace_s=2),
         "limits": LimitsConfig(max_object_bytes=2_000_000, max_image_pixels=4_000_000),
         "metrics": MetricsConfig(port=0),
     }

@@ -142,10 +142,18 @@ class S3Config(_Section):
         description="Only these buckets may be read; '*' allows any (not recommended).",
     )
     addressing_style: Literal["path", "virtual", "auto"] = "path"
-    max_attempts: int = Field(4, ge=1, description="tries per object on 5xx/timeouts")
-    backoff_s: float = Field(0.1, ge=0)
+    max_attempts: int | None = Field(
+        None, ge=1, description="tries per object on 5xx/throttling/timeouts; null: as many as retry_budget_s allows"
+    )
+    retry_budget_s: float = Field(
+        30.0, ge=0, description="transient failures are retried (backoff with jitter) for this long, then fetch_failed"
+    )
+    backoff_s: float = Field(0.1, ge=0, description="first retry's delay; doubles per try up to 5 s, jittered")
     connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0, description="per socket read")
+    fetch_deadline_s: float = Field(
+        60.0, gt=0, description="one attempt's total time (HEAD + GET + body): a server that drips bytes is cut off"
+    )
     max_pool_connections: int = Field(32, ge=1)
 
     @property
@@ -159,9 +167,21 @@ class WorkerConfig(_Section):
     fetch_concurrency: int = Field(16, ge=1)
     cache_size: int = Field(1024, ge=0, description="LRU entries; 0 disables the caption cache")
     drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: wait this long for open records")
-    revoke_grace_s: float = Field(10.0, ge=0, description="rebalance: wait this long for revoked records")
-    inference_attempts: int = Field(2, ge=1, description="tries per image when a replica call fails")
-    produce_attempts: int = Field(3, ge=1, description="sends per outcome before the worker gives up")
+    revoke_grace_s: float = Field(
+        2.0, ge=0,
+        description="rebalance: wait this long for revoked records; it runs on the heartbeat thread, so it "
+        "must stay well under kafka.session_timeout_ms (checked)",
+    )
+    inference_retry_budget_s: float = Field(
+        30.0, ge=0,
+        description="replica calls that fail as a whole (replicas unavailable, restarting, timing out) are "
+        "retried with backoff and jitter for this long; then inference_failed",
+    )
+    produce_deadline_s: float = Field(
+        120.0, gt=0,
+        description="an outcome the broker does not take (unreachable, timeouts) is re-sent with backoff for "
+        "this long; then the worker stops with exit code 3 and commits nothing past it",
+    )
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> WorkerConfig:
@@ -201,6 +221,9 @@ class ReplicasConfig(_Section):
     )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="default: 2 × max_batch_size, so full batches can form"
+    )
+    call_timeout_s: float = Field(
+        120.0, gt=0, description="a replica call's total deadline; a hung call is cancelled and retried"
     )
 
     @field_validator("num_gpus")
@@ -262,6 +285,18 @@ class Settings(BaseSettings):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+
+    @model_validator(mode="after")
+    def _revoke_fits_the_session(self) -> Settings:
+        # kafka-python runs the rebalance listener on its heartbeat path: a revoke that waits
+        # longer than a third of the session timeout risks the member's eviction.
+        bound_s = self.kafka.session_timeout_ms / 1000 / 3
+        if self.worker.revoke_grace_s > bound_s:
+            raise ValueError(
+                f"worker.revoke_grace_s ({self.worker.revoke_grace_s}) must be at most a third of "
+                f"kafka.session_timeout_ms ({bound_s:.1f} s), or a slow revoke gets the member evicted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _generation_within_limits(self) -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import StrEnum
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -62,6 +63,9 @@ def describe(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
 
 
+Headers = list[tuple[str, bytes | None]]
+
+
 @dataclass(frozen=True)
 class Source:
     topic: str
@@ -81,7 +85,7 @@ class Request:
     params: GenerationParams
     metadata: dict[str, Any] = field(default_factory=dict)
     key: bytes | None = None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: Headers = field(default_factory=list)
     source: Source | None = None
 
 
@@ -91,7 +95,7 @@ def parse_request(
     defaults: GenerationParams,
     limits: LimitsConfig,
     key: bytes | None = None,
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: Headers | None = None,
     source: Source | None = None,
 ) -> Request:
     """A Kafka value → Request, or Rejected(invalid_message) saying what is wrong.
@@ -99,13 +103,18 @@ def parse_request(
     The reference is not checked against the allow-list here (that is the fetch stage's job, so
     the HTTP path and the Kafka path share it); only its type is.
     """
-    if value is None:
-        raise Rejected(ErrorCode.INVALID_MESSAGE, "tombstone (null value) is not a request")
-    if len(value) > limits.max_message_bytes:
+    size = record_size(value, key, headers or [])
+    if size > limits.max_message_bytes:
         raise Rejected(
             ErrorCode.INVALID_MESSAGE,
-            f"message of {len(value)} bytes exceeds limits.max_message_bytes ({limits.max_message_bytes})",
+            f"record of {size} bytes (key, headers and value) exceeds limits.max_message_bytes "
+            f"({limits.max_message_bytes})",
         )
+    for name, _ in headers or []:
+        if not is_utf8(name):
+            raise Rejected(ErrorCode.INVALID_MESSAGE, f"header key {short_repr(name)} is not UTF-8")
+    if value is None:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, "tombstone (null value) is not a request")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
@@ -117,10 +126,62 @@ def parse_request(
         body: Any = stripped  # a bare reference
     else:
         try:
-            body = json.loads(stripped)
+            body = json.loads(stripped, parse_constant=_reject_non_finite)
         except json.JSONDecodeError as e:
             raise Rejected(ErrorCode.INVALID_MESSAGE, f"not valid JSON: {e.msg} at position {e.pos}") from None
+        except RecursionError:
+            raise Rejected(ErrorCode.INVALID_MESSAGE, "JSON nested too deeply") from None
+    where = unencodable_text(body)
+    if where is not None:
+        raise Rejected(ErrorCode.INVALID_MESSAGE, f"{where} holds a lone surrogate (\\ud800-\\udfff escape): not text")
     return request_from_body(body, defaults=defaults, limits=limits, key=key, headers=headers, source=source)
+
+
+def _reject_non_finite(name: str) -> Any:
+    # Python's json accepts NaN and ±Infinity; strict consumers of our results do not.
+    raise Rejected(ErrorCode.INVALID_MESSAGE, f"{name} is not a JSON number: non-finite numbers are not allowed")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        str.encode(text, "utf-8")  # str's own: a subclass may encode leniently
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unencodable_text(body: Any) -> str | None:
+    """Where a decoded JSON body holds a string that is not valid Unicode text (a lone
+    surrogate from a `\\udXXX` escape), as a path like `metadata.tags[2]`; None when it holds none."""
+    stack: list[tuple[str, Any]] = [("value", body)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if not is_utf8(node):
+                return path
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                if not is_utf8(k):
+                    return f"a key in {path}"
+                stack.append((k if path == "value" else f"{path}.{k}", v))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+    return None
+
+
+def record_size(value: bytes | None, key: bytes | None, headers: Headers) -> int:
+    """What a record carries: key, header keys and values, and value, in bytes."""
+    header_bytes = sum(len(str.encode(k, "utf-8", "surrogateescape")) + len(v or b"") for k, v in headers)
+    return len(value or b"") + len(key or b"") + header_bytes
+
+
+def producible_headers(headers: Headers) -> list[tuple[str, bytes]]:
+    """The headers an outcome copies from its request.
+
+    The rule: a header whose value is null, or whose key is not UTF-8, is dropped — the producer
+    cannot write either (kafka-python writes header values as bytes and keys as UTF-8).
+    """
+    return [(k, v) for k, v in headers if v is not None and is_utf8(k)]
 
 
 def request_from_body(
@@ -129,7 +190,7 @@ def request_from_body(
     defaults: GenerationParams,
     limits: LimitsConfig,
     key: bytes | None = None,
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: Headers | None = None,
     source: Source | None = None,
 ) -> Request:
     """A decoded JSON body (object or bare string) → Request; shared with the HTTP ingress."""
@@ -223,7 +284,8 @@ def dead_letter_record(
     request_id: str | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "error": {"code": str(code), "message": message},
+        # A message may quote the request (an exception's text): keep it encodable.
+        "error": {"code": str(code), "message": message.encode("utf-8", "replace").decode("utf-8")},
         "source": source.as_dict() if source else None,
         "attempts": attempts,
     }
@@ -246,22 +308,24 @@ def dead_letter_record(
     return record
 
 
-Headers = list[tuple[str, bytes | None]]
-
-
 @dataclass(frozen=True)
 class Result:
     """A caption for a request: published to the results topic, keyed like the request."""
 
     record: dict[str, Any]
     key: bytes | None
-    headers: Headers
+    headers: list[tuple[str, bytes]]
 
     @classmethod
     def for_request(cls, request: Request, record: dict[str, Any]) -> Result:
         # The request's key, else its id: one id keeps its partition on the results topic.
         key = request.key if request.key is not None else request.id.encode("utf-8")
-        return cls(record, key, list(request.headers))
+        return cls(record, key, producible_headers(request.headers))
+
+    @cached_property
+    def value(self) -> bytes:
+        """The record as standard JSON; ValueError/UnicodeError when it cannot be (see compact_dead_letter)."""
+        return encode(self.record)
 
 
 @dataclass(frozen=True)
@@ -271,10 +335,17 @@ class DeadLetter:
     code: ErrorCode
     record: dict[str, Any]
     key: bytes | None
-    headers: Headers
+    headers: list[tuple[str, bytes]]
+
+    @cached_property
+    def value(self) -> bytes:
+        return encode(self.record)
 
 
 Outcome = Result | DeadLetter
+
+# A compact dead letter keeps the original key only up to this size: it must fit any topic.
+MAX_COMPACT_KEY_BYTES = 1024
 
 
 def dead_letter(
@@ -298,11 +369,30 @@ def dead_letter(
     )
     if key is None and request is not None:
         key = request.id.encode("utf-8")
-    return DeadLetter(error.code, record, key, list(headers))
+    return DeadLetter(error.code, record, key, producible_headers(headers))
+
+
+def compact_dead_letter(
+    code: ErrorCode, message: str, *, value: bytes | None, key: bytes | None, source: Source | None
+) -> DeadLetter:
+    """The fallback when a record's own outcome cannot be encoded or produced: no echo of what
+    the request carried beyond its original bytes (base64), no headers, a short key or none.
+    Always encodable and small, so every consumed record still ends as one outcome."""
+    record = dead_letter_record(code=code, message=message, value=None, source=source, attempts=1)
+    if value is not None:
+        echoed = value[:MAX_ECHO_BYTES]
+        record["request"] = base64.b64encode(echoed).decode("ascii")
+        record["request_encoding"] = "base64"
+        if len(value) > MAX_ECHO_BYTES:
+            record["request_truncated"] = True
+            record["request_bytes"] = len(value)
+    short_key = key if key is not None and len(key) <= MAX_COMPACT_KEY_BYTES else None
+    return DeadLetter(code, record, short_key, [])
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Standard JSON in UTF-8: NaN/Infinity and lone surrogates raise instead of being written."""
+    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def short_repr(value: Any, limit: int = 120) -> str:

@@ -81,6 +81,7 @@ class Delivery:
     headers: list[tuple[str, bytes | None]]
     _tracker: OffsetTracker = field(repr=False)
     _window: InFlightWindow = field(repr=False)
+    _epoch: int | None = field(default=None, repr=False)
     taken_at: float = field(default_factory=time.perf_counter)
     _state: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -96,7 +97,7 @@ class Delivery:
     @property
     def owned(self) -> bool:
         """Whether this record is still ours to finish (False once its partition was revoked)."""
-        return self._tracker.owns(self.tp, self.offset)
+        return self._tracker.owns(self.tp, self.offset, self._epoch)
 
     @property
     def state(self) -> str | None:
@@ -106,13 +107,13 @@ class Delivery:
     def settle(self) -> None:
         """The outcome is on the broker: the offset is done and the slot free."""
         self._close("settled")
-        self._tracker.done(self.tp, self.offset)
+        self._tracker.done(self.tp, self.offset, self._epoch)
         self._window.release()
 
     def abandon(self) -> None:
         """No outcome from us: free the slot, never commit this offset (it is delivered again)."""
         self._close("abandoned")
-        self._tracker.abandon(self.tp, self.offset)
+        self._tracker.abandon(self.tp, self.offset, self._epoch)
         self._window.release()
 
     def _close(self, state: str) -> None:
@@ -127,7 +128,7 @@ def issue(record: object, tracker: OffsetTracker, window: InFlightWindow) -> Del
     if not window.try_acquire():
         return None
     topic, partition, offset = record.topic, record.partition, record.offset  # type: ignore[attr-defined]
-    tracker.started(TopicPartition(topic, partition), offset)
+    epoch = tracker.started(TopicPartition(topic, partition), offset)
     return Delivery(
         topic=topic,
         partition=partition,
@@ -137,4 +138,5 @@ def issue(record: object, tracker: OffsetTracker, window: InFlightWindow) -> Del
         headers=list(record.headers or []),  # type: ignore[attr-defined]
         _tracker=tracker,
         _window=window,
+        _epoch=epoch,
     )

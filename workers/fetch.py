@@ -20,6 +20,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from workers import metrics
 from workers.config import LimitsConfig, S3Config
 from workers.contract import ErrorCode, Rejected, describe
 from workers.s3 import ImageRef, parse_image_ref
@@ -59,7 +60,8 @@ _RETRYABLE_CODES = {
     "429",
     "412",
 }
-_MAX_BACKOFF_S = 10.0
+_MAX_BACKOFF_S = 5.0
+_THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests"}
 # Anything that looks like a signature or credential in a message is cut out (belt and braces:
 # we build messages from codes, but exception texts are included for transport errors).
 _CREDENTIAL_PATTERNS = re.compile(
@@ -77,7 +79,11 @@ class Fetched:
 
 
 class _Retryable(Exception):
-    """A transient failure: try again if attempts remain, else fetch_failed with this reason."""
+    """A transient failure: try again while the retry budget lasts, else fetch_failed with this reason."""
+
+    def __init__(self, reason: str, kind: str = "transient"):
+        super().__init__(reason)
+        self.kind = kind  # the label of captioner_fetch_retries_total
 
 
 class _RedirectRefused(Exception):
@@ -132,26 +138,37 @@ class Fetcher:
         client.meta.events.register_first("needs-retry.s3", _refuse_redirects, unique_id=_REFUSE_REDIRECTS_ID)
 
     def fetch(self, uri: str) -> Fetched:
+        """Transient failures (5xx, throttling, timeouts, dropped or cut connections) are retried
+        with backoff and jitter until `s3.retry_budget_s` is spent (or `s3.max_attempts`, when
+        set); only then is the request `fetch_failed`. Every attempt has a total deadline."""
         ref = parse_image_ref(uri, self.cfg.allowed_buckets)
         started = time.monotonic()
+        budget_ends = started + self.cfg.retry_budget_s
         last_reason = "no attempt made"
-        for attempt in range(1, self.cfg.max_attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                data, etag = self._fetch_once(ref)
+                data, etag = self._fetch_once(ref, deadline=time.monotonic() + self.cfg.fetch_deadline_s)
             except _Retryable as e:
                 last_reason = self._redact(str(e))
-                log.debug("fetch %s attempt %d/%d failed: %s", ref.uri, attempt, self.cfg.max_attempts, last_reason)
-                if attempt < self.cfg.max_attempts:
-                    self._sleep(self._backoff_s(attempt))
+                metrics.FETCH_RETRIES.labels(e.kind).inc()
+                delay = self._backoff_s(attempt)
+                out_of_tries = self.cfg.max_attempts is not None and attempt >= self.cfg.max_attempts
+                if out_of_tries or time.monotonic() + delay > budget_ends:
+                    break
+                log.debug("fetch %s attempt %d failed: %s; retrying in %.2f s", ref.uri, attempt, last_reason, delay)
+                self._sleep(delay)
                 continue
             return Fetched(ref, data, etag, attempt, (time.monotonic() - started) * 1000)
         raise Rejected(
             ErrorCode.FETCH_FAILED,
-            f"{ref.uri}: gave up after {self.cfg.max_attempts} attempt(s); last error: {last_reason}",
-            attempts=self.cfg.max_attempts,
+            f"{ref.uri}: gave up after {attempt} attempt(s) in {time.monotonic() - started:.1f} s; "
+            f"last error: {last_reason}",
+            attempts=attempt,
         )
 
-    def _fetch_once(self, ref: ImageRef) -> tuple[bytes, str | None]:
+    def _fetch_once(self, ref: ImageRef, *, deadline: float) -> tuple[bytes, str | None]:
         limit = self.limits.max_object_bytes
         # HEAD first: an oversized object is refused without transferring its body.
         head = self._call(ref, self.client.head_object, Bucket=ref.bucket, Key=ref.key)
@@ -167,9 +184,11 @@ class Fetcher:
         body = response["Body"]
         try:
             # Read at most limit+1 bytes: the object may have grown since the HEAD.
-            data = _read_up_to(body, limit + 1)
+            data = _read_up_to(body, limit + 1, deadline=deadline)
+        except _Retryable:
+            raise
         except Exception as e:
-            raise _Retryable(f"reading body: {describe(e)}") from None
+            raise _Retryable(f"reading body: {describe(e)}", "truncated") from None
         finally:
             body.close()
         if len(data) > limit:
@@ -179,7 +198,7 @@ class Fetcher:
             )
         expected = response.get("ContentLength")
         if expected is not None and len(data) != int(expected):
-            raise _Retryable(f"body cut short: {len(data)} of {expected} bytes")
+            raise _Retryable(f"body cut short: {len(data)} of {expected} bytes", "truncated")
         return data, response.get("ETag", etag)
 
     def _call(self, ref: ImageRef, operation: Callable[..., Any], **kwargs: Any) -> Any:
@@ -193,7 +212,7 @@ class Fetcher:
         except NoCredentialsError:
             raise Rejected(ErrorCode.ACCESS_DENIED, f"{ref.uri}: no S3 credentials configured") from None
         except (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError) as e:
-            raise _Retryable(f"{describe(e)}") from None
+            raise _Retryable(describe(e), "connection") from None
 
     def _classify(self, ref: ImageRef, e: ClientError) -> Exception:
         error = e.response.get("Error", {})
@@ -205,7 +224,8 @@ class Fetcher:
         if code in _DENIED_CODES or status in (401, 403):
             return Rejected(ErrorCode.ACCESS_DENIED, f"{ref.uri}: access denied: {what}")
         if status >= 500 or code in _RETRYABLE_CODES or status in (408, 412, 429):
-            return _Retryable(what)
+            throttled = code in _THROTTLING_CODES or status in (429, 503)
+            return _Retryable(what, "throttled" if throttled else "server_error")
         if 300 <= status < 400:
             return Rejected(ErrorCode.FETCH_FAILED, f"{ref.uri}: redirect not followed: {what}")
         return Rejected(ErrorCode.FETCH_FAILED, f"{ref.uri}: {what}")
@@ -223,11 +243,21 @@ class Fetcher:
         return text
 
 
-def _read_up_to(body: Any, limit: int) -> bytes:
+def _read_up_to(body: Any, limit: int, *, deadline: float) -> bytes:
+    """At most `limit` bytes of a streaming body, giving up at `deadline`.
+
+    The socket's read timeout bounds one read only, so a server that drips a byte a second holds
+    a plain `read()` for as long as it likes. `read1` returns what one socket read brought,
+    which lets the deadline be checked between reads.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    read = raw.read1 if raw is not None and hasattr(raw, "read1") else body.read
     chunks: list[bytes] = []
     remaining = limit
     while remaining > 0:
-        chunk = body.read(min(remaining, 1024 * 1024))
+        if time.monotonic() > deadline:
+            raise _Retryable(f"body not read within the fetch deadline ({len(b''.join(chunks))} bytes so far)", "deadline")
+        chunk = read(min(remaining, 1024 * 1024))
         if not chunk:
             break
         chunks.append(chunk)

@@ -46,6 +46,56 @@ for _name in _KAFKA_REQUEST_LOGGERS:
     logging.getLogger(_name).addFilter(_SASL_REDACTION)  # idempotent: addFilter skips duplicates
 
 
+class RawHeaderKey(str):
+    """A header key that was not UTF-8: its bytes kept as surrogate escapes, and encoded back to
+    the same bytes (kafka-python re-encodes keys to size records)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.encode(self, encoding, "surrogateescape")
+
+
+class _LenientBytes(bytearray):
+    """A slice of a record batch whose decode never raises (see decode_header_keys_leniently)."""
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        try:
+            return bytearray.decode(self, encoding)
+        except UnicodeDecodeError:
+            return RawHeaderKey(bytearray.decode(self, encoding, "surrogateescape"))
+
+
+class _LenientBuffer(bytearray):
+    def __getitem__(self, index: Any) -> Any:
+        item = bytearray.__getitem__(self, index)
+        return _LenientBytes(item) if isinstance(index, slice) else item
+
+
+def decode_header_keys_leniently() -> None:
+    """Make kafka-python decode record header keys with `surrogateescape`, not strict UTF-8.
+
+    kafka-python (3.0.12, pinned) decodes header keys inside `poll()`; a record written by a
+    client that allows other bytes there (the protocol says String, Go and librdkafka clients
+    do not check) raises UnicodeDecodeError out of every poll, on every redelivery: one record
+    would stop the partition and crash-loop the group. Decoded leniently, such a key reaches the
+    pipeline, which dead-letters the record as invalid_message (`contract.parse_request`) and
+    drops the header from the outcomes (`contract.producible_headers`). Idempotent.
+    """
+    from kafka.record import default_records
+
+    batch = default_records.DefaultRecordBatch
+    original = batch._read_msg
+    if getattr(original, "captioner_lenient", False):
+        return
+
+    def _read_msg(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if type(self._buffer) is not _LenientBuffer:
+            self._buffer = _LenientBuffer(self._buffer)  # once per batch
+        return original(self, *args, **kwargs)
+
+    _read_msg.captioner_lenient = True  # type: ignore[attr-defined]
+    batch._read_msg = _read_msg
+
+
 def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
     """Connection and security kwargs valid for KafkaConsumer, KafkaProducer and KafkaAdminClient."""
     if cfg.embedded:
@@ -82,10 +132,17 @@ def consumer_kwargs(cfg: KafkaConfig, limits: LimitsConfig) -> dict[str, Any]:
     would otherwise hold back requests the contract says must be read (and too-big ones must
     still be read, to be dead-lettered).
     """
+    from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+
     partition_fetch = limits.max_message_bytes + RECORD_OVERHEAD_BYTES
     return {
         **client_kwargs(cfg),
         "group_id": cfg.group_id,
+        # Incremental rebalances: a member joining or leaving moves only the partitions that
+        # change owner, so the others keep flowing (no stop-the-world revoke of everything).
+        "partition_assignment_strategy": (CooperativeStickyAssignor,),
+        # A transactional producer's aborted records are not requests.
+        "isolation_level": "read_committed",
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": max(partition_fetch, 1024 * 1024),

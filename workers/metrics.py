@@ -31,8 +31,25 @@ CACHE_HITS = Counter("captioner_cache_hits_total", "Captions answered from the c
 CACHE_MISSES = Counter("captioner_cache_misses_total", "Cache lookups that went to the model")
 COMMITS = Counter("captioner_commits_total", "Offset commits sent", ["result"])
 REBALANCES = Counter("captioner_rebalances_total", "Partitions assigned or revoked", ["event"])
-PRODUCE_ERRORS = Counter("captioner_produce_errors_total", "Records the broker did not acknowledge")
+PRODUCE_ERRORS = Counter(
+    "captioner_produce_errors_total",
+    "Outcomes the broker did not acknowledge: 'record' (this record can never be written as it is: "
+    "replaced by a compact dead letter) or 'transport' (re-sent with backoff)",
+    ["kind"],
+)
+COMPACT_DEAD_LETTERS = Counter(
+    "captioner_compact_dead_letters_total",
+    "Outcomes that could not be encoded or produced, replaced by a compact dead letter",
+    ["reason"],
+)
 INFERENCE_RETRIES = Counter("captioner_inference_retries_total", "Replica calls retried")
+REPLICA_CALL_TIMEOUTS = Counter(
+    "captioner_replica_call_timeouts_total", "Replica calls cancelled at replicas.call_timeout_s"
+)
+FETCH_RETRIES = Counter("captioner_fetch_retries_total", "S3 fetch attempts retried", ["kind"])
+OFFSET_RESETS = Counter(
+    "captioner_offset_resets_total", "Partitions whose offsets moved backwards (reset, truncation)", ["topic"]
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None

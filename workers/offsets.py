@@ -12,13 +12,21 @@ a drain does not wait for it, but the watermark never passes it: the record is d
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kafka.structs import TopicPartition
 
+log = logging.getLogger(__name__)
+
 
 OPEN, DONE, ABANDONED = "open", "done", "abandoned"
+
+
+_EPOCHS = itertools.count(1)
 
 
 @dataclass
@@ -27,22 +35,50 @@ class _Partition:
     pending: dict[int, str] = field(default_factory=dict)
     next_offset: int | None = None  # the watermark: every offset below it is done
     committed: int | None = None
+    highest: int = -1  # the highest offset started in this epoch
+    # A fresh number whenever tracking of the partition starts over (assigned again, or its
+    # offsets moved backwards): outcomes of an older epoch never mark a newer one's offsets.
+    epoch: int = field(default_factory=lambda: next(_EPOCHS))
 
 
 class OffsetTracker:
-    def __init__(self) -> None:
+    def __init__(self, on_reset: Callable[[TopicPartition], None] | None = None) -> None:
         self._lock = threading.Condition()
         self._parts: dict[TopicPartition, _Partition] = {}
+        self._on_reset = on_reset
 
-    def started(self, tp: TopicPartition, offset: int) -> None:
-        with self._lock:
-            part = self._parts.setdefault(tp, _Partition())
-            part.pending[offset] = OPEN
+    def started(self, tp: TopicPartition, offset: int) -> int:
+        """Open an offset; returns the partition's epoch, which done/abandon/owns take back.
 
-    def done(self, tp: TopicPartition, offset: int) -> bool:
-        """Mark an outcome acknowledged; False when the partition was revoked meanwhile."""
+        Offsets of a partition arrive in increasing order. One at or below the highest seen
+        means the log moved backwards under us (a reset to earliest, a truncation, a seek by
+        someone else): tracking starts over at that offset, in a new epoch, so records still in
+        flight from before can never move the new watermark, and nothing is committed past
+        the open records of either.
+        """
         with self._lock:
             part = self._parts.get(tp)
+            if part is None:
+                part = self._parts[tp] = _Partition()
+            elif offset <= part.highest:
+                log.warning("%s: offset %d is at or below %d already read; tracking starts over", tp, offset, part.highest)
+                part = self._parts[tp] = _Partition(committed=part.committed)
+                if self._on_reset is not None:
+                    self._on_reset(tp)
+            part.highest = offset
+            part.pending[offset] = OPEN
+            return part.epoch
+
+    def _current(self, tp: TopicPartition, epoch: int | None) -> _Partition | None:
+        part = self._parts.get(tp)
+        if part is None or (epoch is not None and part.epoch != epoch):
+            return None
+        return part
+
+    def done(self, tp: TopicPartition, offset: int, epoch: int | None = None) -> bool:
+        """Mark an outcome acknowledged; False when the partition was revoked (or reset) meanwhile."""
+        with self._lock:
+            part = self._current(tp, epoch)
             if part is None or part.pending.get(offset) != OPEN:
                 return False
             part.pending[offset] = DONE
@@ -56,20 +92,20 @@ class OffsetTracker:
                 part.next_offset = first + 1
             return True
 
-    def abandon(self, tp: TopicPartition, offset: int) -> bool:
+    def abandon(self, tp: TopicPartition, offset: int, epoch: int | None = None) -> bool:
         """No outcome will come for this offset: stop waiting for it, never commit past it."""
         with self._lock:
-            part = self._parts.get(tp)
+            part = self._current(tp, epoch)
             if part is None or part.pending.get(offset) != OPEN:
                 return False
             part.pending[offset] = ABANDONED
             self._lock.notify_all()
             return True
 
-    def owns(self, tp: TopicPartition, offset: int) -> bool:
+    def owns(self, tp: TopicPartition, offset: int, epoch: int | None = None) -> bool:
         """Whether this offset is still ours to finish (False once its partition was revoked)."""
         with self._lock:
-            part = self._parts.get(tp)
+            part = self._current(tp, epoch)
             return part is not None and part.pending.get(offset) == OPEN
 
     def in_flight(self, tps: set[TopicPartition] | None = None) -> int:

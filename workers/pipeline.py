@@ -13,9 +13,10 @@ Threads, and why:
 
 Every record ends as exactly one outcome (result or dead letter) per delivery; a failure at any
 stage becomes a dead letter with that stage's code. Only the ticket ends a record (settled or
-abandoned, once). A record whose outcome the broker will not acknowledge (after
-`worker.produce_attempts`) stops the worker without committing it, so the next start delivers
-it again: nothing is lost.
+abandoned, once). An outcome the broker refuses as a record (too large, not encodable) is
+replaced by a compact dead letter; one it does not take for transport reasons is re-sent with
+backoff until `worker.produce_deadline_s`, and then the worker stops (exit code 3) without
+committing it, so the next start delivers it again: nothing is lost.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from workers.contract import (
     Rejected,
     Request,
     Result,
+    compact_dead_letter,
     dead_letter,
     describe,
     result_record,
@@ -45,7 +47,7 @@ from workers.contract import (
 from workers.delivery import Delivery, InFlightWindow
 from workers.fetch import Fetcher
 from workers.replica_api import InferenceError, ReplicaAnswer, ReplicaInfo
-from workers.replica_client import ReplicaCallFailed, ReplicaClient
+from workers.replica_client import ReplicaCallFailed, ReplicaClient, backoff_s
 from workers.s3 import make_s3_client
 from workers.sink import Sink
 from workers.source import KafkaSource
@@ -84,6 +86,7 @@ class Pipeline:
             for i in range(settings.kafka.consumers)
         ]
         self.failed = threading.Event()
+        self.exit_code = 0  # set when failed: 1 a poll loop died, 3 the broker would not take outcomes
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(worker.fetch_concurrency, thread_name_prefix=f"{name}-work")
         self._loop = asyncio.new_event_loop()
@@ -91,8 +94,10 @@ class Pipeline:
             replicas,
             max_batch_size=settings.replicas.max_batch_size,
             wait_s=settings.replicas.batch_wait_timeout_s,
-            attempts=worker.inference_attempts,
+            retry_budget_s=worker.inference_retry_budget_s,
+            call_timeout_s=settings.replicas.call_timeout_s,
             on_retry=self._on_inference_retry,
+            on_timeout=metrics.REPLICA_CALL_TIMEOUTS.inc,
         )
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name=f"{name}-infer", daemon=True)
         self._source_threads: list[threading.Thread] = []
@@ -114,6 +119,7 @@ class Pipeline:
             source.run(self._stop)
         except Exception:
             log.exception("%s: poll loop died; stopping the worker", source.name)
+            self.exit_code = self.exit_code or 1
             self.failed.set()
             self._stop.set()
 
@@ -263,13 +269,29 @@ class Pipeline:
         if not job.delivery.owned:  # a rebalance took the partition: its new owner redoes it
             job.delivery.abandon()
             return
-        self._send(job, outcome, 1)
+        try:
+            outcome.value  # noqa: B018 - encode here, on a work thread, where a failure is this record's
+        except (ValueError, UnicodeError, TypeError) as e:
+            outcome = self._compact(job, outcome, f"its outcome is not standard JSON: {describe(e)}", "unencodable")
+        self._send(job, outcome, _Sending(time.monotonic()))
 
-    def _send(self, job: _Job, outcome: Outcome, attempt: int) -> None:
-        self.sink.send(outcome, lambda error: self._on_ack(job, outcome, attempt, error))
+    def _compact(self, job: _Job, outcome: Outcome, why: str, reason: str) -> DeadLetter:
+        """The record's outcome cannot be written as it is: a compact dead letter instead."""
+        metrics.COMPACT_DEAD_LETTERS.labels(reason).inc()
+        code = outcome.code if isinstance(outcome, DeadLetter) else ErrorCode.INVALID_MESSAGE
+        d = job.delivery
+        log.warning("compact dead letter for %s: %s", d.source, why)
+        compact = compact_dead_letter(code, why, value=d.value, key=d.key, source=d.source)
+        if isinstance(outcome, DeadLetter) and outcome.key == compact.key and not outcome.headers:
+            # Already as compact as it gets but for its echo: drop the echo and the key too.
+            compact = compact_dead_letter(code, why, value=None, key=None, source=d.source)
+        return compact
 
-    def _on_ack(self, job: _Job, outcome: Outcome, attempt: int, error: Exception | None) -> None:
-        """On the producer's I/O thread: bookkeeping only; a re-send goes back to the pool."""
+    def _send(self, job: _Job, outcome: Outcome, sending: _Sending) -> None:
+        self.sink.send(outcome, lambda error: self._on_ack(job, outcome, sending, error))
+
+    def _on_ack(self, job: _Job, outcome: Outcome, sending: _Sending, error: Exception | None) -> None:
+        """On the producer's I/O thread: bookkeeping only; a re-send goes back to a work thread."""
         if error is None:
             job.delivery.settle()
             if isinstance(outcome, Result):
@@ -277,11 +299,64 @@ class Pipeline:
             else:
                 metrics.DEAD_LETTERS.labels(str(outcome.code)).inc()
             return
-        metrics.PRODUCE_ERRORS.inc()
-        if attempt < self.settings.worker.produce_attempts:
-            self._submit(self._send, job, outcome, attempt + 1)
+        if is_record_error(error) and sending.fallbacks < 2:
+            # This record can never be written as it is (too large, invalid): the error is the
+            # record's, not the system's, so it becomes a smaller outcome instead of a stop.
+            metrics.PRODUCE_ERRORS.labels("record").inc()
+            compact = self._compact(job, outcome, f"its outcome was refused: {describe(error)}", "refused")
+            self._submit(self._send, job, compact, sending.fallback())
             return
-        log.error("broker did not acknowledge the outcome of %s: %s; stopping", job.delivery.source, error)
+        metrics.PRODUCE_ERRORS.labels("transport").inc()
+        waited = time.monotonic() - sending.first_try
+        if waited < self.settings.worker.produce_deadline_s:
+            delay = sending.next_delay()
+            log.warning("outcome of %s not acknowledged (%s); re-sending in %.1f s", job.delivery.source, describe(error), delay)
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._submit, self._send, job, outcome, sending)
+            return
+        log.error(
+            "broker did not acknowledge the outcome of %s for %.0f s (worker.produce_deadline_s): %s; stopping, "
+            "exit code %d: nothing past it is committed, so the next start delivers it again",
+            job.delivery.source, waited, describe(error), EXIT_BROKER_UNAVAILABLE,
+        )
+        self.exit_code = EXIT_BROKER_UNAVAILABLE
         self.failed.set()
         self._stop.set()
         job.delivery.abandon()
+
+
+@dataclass
+class _Sending:
+    """One outcome's sends: when the first was tried, how many re-sends and fallbacks so far."""
+
+    first_try: float
+    resends: int = 0
+    fallbacks: int = 0
+
+    def next_delay(self) -> float:
+        self.resends += 1
+        return backoff_s(self.resends)
+
+    def fallback(self) -> _Sending:
+        return _Sending(self.first_try, self.resends, self.fallbacks + 1)
+
+
+def is_record_error(error: BaseException) -> bool:
+    """Whether a produce error is the record's own (it will fail however often it is sent)."""
+    if isinstance(error, (TypeError, ValueError, UnicodeError)):
+        return True
+    return type(error).__name__ in _RECORD_ERRORS
+
+
+# kafka-python's errors for a record the broker or the client will never take as it is.
+_RECORD_ERRORS = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordListTooLargeError",
+        "InvalidRecordError",
+        "CorruptRecordError",
+        "UnsupportedForMessageFormatError",
+    }
+)
+
+# `captioner run`'s exit code when the broker would not take outcomes for produce_deadline_s.
+EXIT_BROKER_UNAVAILABLE = 3

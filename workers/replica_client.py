@@ -7,6 +7,7 @@ inference event loop. See the class for the batching and retry semantics.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ _Pending = tuple[np.ndarray, GenerationParams, "asyncio.Future[ReplicaAnswer]"]
 
 
 class ReplicaCallFailed(RuntimeError):
-    """The replicas did not answer a micro-batch after every attempt (e.g. replicas killed)."""
+    """The replicas did not answer a micro-batch within the retry budget (e.g. all unavailable)."""
 
 
 class ReplicaClient:
@@ -29,9 +30,17 @@ class ReplicaClient:
     While a call is in flight, images submitted within `wait_s` of the first one (up to
     `max_batch_size`) share the next call; when none is in flight the replicas are idle and an
     image goes at once (waiting would only add latency). Calls are not awaited one by one, so
-    several can be in flight and the replicas' @serve.batch merges them. A call that fails as a
-    whole (a replica died under it) is retried up to `attempts` times; a failed generate comes back in-band as that image's error and is
-    not retried (the same params would fail again). Use from one asyncio loop.
+    several can be in flight and the replicas' @serve.batch merges them. Use from one asyncio loop.
+
+    Failures, and what they become:
+    - a call that fails as a whole (a replica died under it, none is reachable, Serve answered
+      with backpressure, or it ran past `call_timeout_s` and was cancelled) says nothing about
+      its images: it is retried with exponential backoff and jitter until `retry_budget_s` is
+      spent (or `max_attempts`, when set), and only then do its images fail (ReplicaCallFailed);
+      meanwhile their records stay in flight, so a long outage fills the window and pauses the
+      source instead of draining the stream into dead letters;
+    - a failed generate comes back in-band as that image's error (InferenceError) and is not
+      retried: the same params would fail again.
     """
 
     def __init__(
@@ -40,14 +49,20 @@ class ReplicaClient:
         *,
         max_batch_size: int,
         wait_s: float,
-        attempts: int,
+        retry_budget_s: float,
+        call_timeout_s: float,
+        max_attempts: int | None = None,
         on_retry: Callable[[int, BaseException], None] | None = None,
+        on_timeout: Callable[[], None] | None = None,
     ):
         self.handle = handle
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
-        self.attempts = attempts
+        self.retry_budget_s = retry_budget_s
+        self.call_timeout_s = call_timeout_s
+        self.max_attempts = max_attempts
         self.on_retry = on_retry
+        self.on_timeout = on_timeout
         self._queue: asyncio.Queue[_Pending] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -92,29 +107,60 @@ class ReplicaClient:
         finally:
             self._in_flight -= 1
 
-    async def _call_with_retries(
-        self, batch: list[_Pending]
-    ) -> None:
+    async def _call_with_retries(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
         items = [(pixels, params) for pixels, params, _ in batch]
-        error: BaseException | None = None
-        for attempt in range(1, self.attempts + 1):
+        budget_ends = loop.time() + self.retry_budget_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                answers: list[ReplicaAnswer] = await self.handle.caption_many.remote(items)
-            except Exception as e:  # the replica died or Serve could not reach one
-                error = e
-                if attempt < self.attempts and self.on_retry is not None:
+                answers = await self._call_once(items)
+            except Exception as e:  # the replica died, none is reachable, or the call hung
+                delay = backoff_s(attempt)
+                out_of_tries = self.max_attempts is not None and attempt >= self.max_attempts
+                if out_of_tries or loop.time() + delay > budget_ends:
+                    failure = ReplicaCallFailed(f"after {attempt} attempt(s): {describe(e)}")
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(failure)
+                    return
+                if self.on_retry is not None:
                     self.on_retry(attempt, e)
+                await asyncio.sleep(delay)
                 continue
             for (_, _, future), answer in zip(batch, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
             return
-        failure = ReplicaCallFailed(describe(error) if error else "no attempt made")
-        for _, _, future in batch:
-            if not future.done():
-                future.set_exception(failure)
+
+    async def _call_once(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
+        response = self.handle.caption_many.remote(items)
+        try:
+            return await asyncio.wait_for(_awaited(response), self.call_timeout_s)
+        except asyncio.TimeoutError:
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()  # a Serve DeploymentResponse: stop the replica's work on it too
+            if self.on_timeout is not None:
+                self.on_timeout()
+            raise ReplicaCallTimedOut(f"no answer within replicas.call_timeout_s ({self.call_timeout_s} s)") from None
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)  # keep a reference: the loop holds tasks only weakly
         task.add_done_callback(self._tasks.discard)
+
+
+class ReplicaCallTimedOut(TimeoutError):
+    """A replica call ran past its deadline and was cancelled."""
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def backoff_s(attempt: int, first_s: float = 0.1, cap_s: float = 5.0) -> float:
+    """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
+    base = min(first_s * 2 ** (attempt - 1), cap_s)
+    return base / 2 + random.uniform(0, base / 2)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -132,26 +133,14 @@ class CaptionReplica:
         return out
 
     def _run_groups(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
-        import time
-
         groups: dict[GenerationParams, list[int]] = defaultdict(list)
         for i, (_, params) in enumerate(items):
             groups[params].append(i)
         answers: list[ReplicaAnswer | None] = [None] * len(items)
         for params, indices in groups.items():
-            start = time.perf_counter()
-            try:
-                outputs = self.model.caption(np.stack([items[i][0] for i in indices]), params)
-            except Exception as e:
-                # @serve.batch fails every caller of a batch when the function raises; one bad
-                # params group must not take down the requests batched beside it.
-                log.warning("generate failed for %d image(s): %s", len(indices), describe(e))
-                for i in indices:
-                    answers[i] = ReplicaAnswer([], None, len(items), 0.0, error=describe(e))
-                continue
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            for i, out in zip(indices, outputs, strict=True):
-                answers[i] = ReplicaAnswer(out.captions, out.scores, len(items), elapsed_ms)
+            pixels = [items[i][0] for i in indices]
+            for i, answer in zip(indices, run_splitting(self.model.caption, pixels, params, len(items)), strict=True):
+                answers[i] = answer
         return [a for a in answers if a is not None]
 
     async def info(self) -> ReplicaInfo:
@@ -191,6 +180,49 @@ class CaptionReplica:
         for name, value in backend_stats().items():
             if name in self._gauges:
                 self._gauges[name].set(float(value))
+
+
+def run_splitting(
+    caption: Any, pixels: list[np.ndarray], params: GenerationParams, batch_size: int
+) -> list[ReplicaAnswer]:
+    """One params group's answers, in order; a failure is each image's in-band error.
+
+    @serve.batch fails every caller of a batch when the function raises, so one bad params group
+    must not take down the requests batched beside it. An out-of-memory error says the batch
+    was too big, not that its images are bad: the batch is split in halves and each half tried
+    again, down to single images; only an image that fails alone gets the error.
+    """
+    start = time.perf_counter()
+    try:
+        outputs = caption(np.stack(pixels), params)
+    except Exception as e:
+        if is_out_of_memory(e) and len(pixels) > 1:
+            half = len(pixels) // 2
+            log.warning("out of memory on %d image(s); retrying as %d + %d", len(pixels), half, len(pixels) - half)
+            _release_device_memory()
+            return run_splitting(caption, pixels[:half], params, batch_size) + run_splitting(
+                caption, pixels[half:], params, batch_size
+            )
+        log.warning("generate failed for %d image(s): %s", len(pixels), describe(e))
+        return [ReplicaAnswer([], None, batch_size, 0.0, error=describe(e)) for _ in pixels]
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    return [ReplicaAnswer(out.captions, out.scores, batch_size, elapsed_ms) for out in outputs]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or any framework's "out of memory" (CPU allocators, TF's OOM)."""
+    names = {type(c).__name__ for c in type(error).__mro__}
+    return bool(names & {"OutOfMemoryError", "ResourceExhaustedError"}) or "out of memory" in str(error).lower()
+
+
+def _release_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # a TF-only image
+        pass
 
 
 def _cuda_available() -> bool:

@@ -127,7 +127,7 @@ def run(settings: Settings) -> int:
             console.print(untrained_banner(pipeline.model_record["name"]))
         pipeline.wait()
         stop()
-        return 1 if pipeline.failed.is_set() else 0
+        return pipeline.exit_code if pipeline.failed.is_set() else 0
 
 
 def serve_http(settings: Settings) -> int:

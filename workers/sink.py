@@ -31,7 +31,7 @@ class Sink:
     def send(self, outcome: contract.Outcome, on_ack: OnAck) -> None:
         """Publish a result or a dead letter with its key and headers (CONTRACT-NOTES)."""
         topic = self.cfg.output_topic if isinstance(outcome, contract.Result) else self.cfg.dead_letter_topic
-        self._send(topic, contract.encode(outcome.record), outcome.key, outcome.headers, on_ack)
+        self._send(topic, outcome.value, outcome.key, outcome.headers, on_ack)
 
     def _send(self, topic: str, value: bytes, key: bytes | None, headers: Headers, on_ack: OnAck) -> None:
         try:

@@ -29,7 +29,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from workers import metrics
 from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
 from workers.delivery import Delivery, InFlightWindow, issue
-from workers.kafkaclient import consumer_kwargs
+from workers.kafkaclient import consumer_kwargs, decode_header_keys_leniently
 from workers.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class KafkaSource:
         self.window = window
         self.handle = handle
         self.name = name
-        self.tracker = OffsetTracker()
+        self.tracker = OffsetTracker(on_reset=lambda tp: metrics.OFFSET_RESETS.labels(tp.topic).inc())
         self.started = threading.Event()
         self.assignment: set[TopicPartition] = set()
         self._paused = False
@@ -66,6 +66,7 @@ class KafkaSource:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        decode_header_keys_leniently()
         consumer = self._consumer_factory(**consumer_kwargs(self.kafka, self.limits))
         self._consumer = consumer
         consumer.subscribe([self.kafka.input_topic], listener=_Rebalance(self))
