@@ -12,8 +12,8 @@ import pytest
 import requests
 import yaml
 
-from kafka_helpers import produce
-from worker_fixtures import (
+from helpers.kafka_helpers import produce
+from helpers.worker_fixtures import (
     BUCKET,
     collect_outcomes,
     flat_png,

@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 
-from kafka_helpers import consume_until, kafka_config, produce, unique_topic
+from helpers.kafka_helpers import consume_until, kafka_config, produce, unique_topic
 from workers.config import load_settings
 from workers.embedded import (
     WEED_GRPC_OFFSET,

@@ -28,9 +28,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import SecretStr
 
-from kafka_helpers import committed_offsets, kafka_config, produce
-from tls_helpers import TestCA, TlsTerminator
-from worker_fixtures import (
+from helpers.kafka_helpers import committed_offsets, kafka_config, produce
+from helpers.tls_helpers import TestCA, TlsTerminator
+from helpers.worker_fixtures import (
     MODEL_CACHE,
     REPO,
     collect_outcomes,

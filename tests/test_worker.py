@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import requests
 
-from kafka_helpers import committed_offsets, consume_until, produce
-from worker_fixtures import (
+from helpers.kafka_helpers import committed_offsets, consume_until, produce
+from helpers.worker_fixtures import (
     BUCKET,
     deploy_tiny_replicas,
     collect_outcomes,

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +215,7 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
 
         from workers.fetch import make_s3_client
         from workers.kafkaclient import producer_kwargs
+        from workers.outcomes import outcomes_by_id
 
         bucket = next(b for b in resolved.s3.allowed_buckets if b != "*")
         s3 = make_s3_client(resolved.s3)
@@ -229,7 +229,7 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
 
         pipeline = Pipeline(resolved, replicas).start()
         try:
-            outcomes = collect_outcomes(resolved, {p.name for p in files}, timeout_s=timeout_s)
+            outcomes = outcomes_by_id(resolved.kafka, {p.name for p in files}, timeout_s=timeout_s)
         finally:
             pipeline.stop()
         print_outcomes(outcomes, [p.name for p in files])
@@ -237,36 +237,6 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
             console.print(untrained_banner(pipeline.model_record["name"]))
     missing = {p.name for p in files} - set(outcomes)
     return 1 if missing else 0
-
-
-def collect_outcomes(settings: Settings, ids: set[str], *, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Read results and dead letters until every id has one outcome (or the deadline)."""
-    import json
-
-    from kafka import KafkaConsumer
-
-    from workers.kafkaclient import client_kwargs
-
-    kafka = settings.kafka
-    consumer = KafkaConsumer(
-        kafka.output_topic,
-        kafka.dead_letter_topic,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **client_kwargs(kafka),
-    )
-    outcomes: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while set(outcomes) < ids and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                for record in records:
-                    body = json.loads(record.value)
-                    if body.get("id") in ids:
-                        outcomes[body["id"]] = body
-    finally:
-        consumer.close()
-    return outcomes
 
 
 def print_outcomes(outcomes: dict[str, dict[str, Any]], order: list[str]) -> None:
