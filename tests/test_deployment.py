@@ -71,7 +71,7 @@ def deployed(ray_serve: str, broker, s3_server, tmp_path_factory) -> Any:
     from ray import serve
     from ray._common.utils import import_attr
 
-    from workers.chaos_proxy import ChaosProxy
+    from harness.chaos.proxy import ChaosProxy
     from workers.model.loading import build_tiny_random
 
     tmp = tmp_path_factory.mktemp("deploy")

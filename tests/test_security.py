@@ -39,7 +39,7 @@ from helpers.worker_fixtures import (
     request,
     worker_settings,
 )
-from workers.chaos_proxy import DROPPED, ChaosProxy, FaultPlan
+from harness.chaos.proxy import DROPPED, ChaosProxy, FaultPlan
 from workers.config import ConfigError, KafkaConfig, LimitsConfig, load_settings
 from workers.contract import ErrorCode, Rejected, parse_request
 from workers.embedded import Broker, S3Server, free_port, wait_until

@@ -99,7 +99,7 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """Benchmarks that print ratios measured in one run (random weights, beam 2, 16 new tokens)."""
-    from workers import bench as bench_mod
+    from harness import bench as bench_mod  # tooling, not runtime: imported only here
 
     bench_mod.main(mode=mode, backend=backend, batch_sizes=[int(b) for b in batch_sizes.split(",")],
                    model=model, rounds=rounds)
@@ -166,7 +166,7 @@ def chaos(
     keep: Annotated[bool, typer.Option(help="keep the work dir (logs, settings) under .tmp/")] = False,
 ) -> None:
     """A bounded, loopback-only chaos run (embedded S3, durable broker, Ray): exit 1 if anything was lost."""
-    from workers import chaos as chaos_mod
+    from harness import chaos as chaos_mod  # tooling, not runtime: imported only here
 
     opts = chaos_mod.ChaosOptions(
         requests=requests, seed=seed, kill_replicas=kill_replicas, kill_consumers=kill_consumers,
