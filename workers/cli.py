@@ -116,9 +116,9 @@ def run(config: ConfigOpt = None) -> None:
 @app.command("serve")
 def serve_cmd(config: ConfigOpt = None) -> None:
     """The Serve application locally: HTTP API + Kafka ingest + replicas (configs/serve.yaml's app)."""
-    from workers import runner
+    from deployment.local import serve_http
 
-    raise typer.Exit(runner.serve_http(_settings(config)))
+    raise typer.Exit(serve_http(_settings(config)))
 
 
 @app.command()

@@ -15,6 +15,7 @@ the Kafka key, and the code (`"result"` for a caption, else the dead letter's er
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,15 +124,18 @@ def outcome_reader(kafka: KafkaConfig, **kwargs: Any) -> TopicReader:
     return TopicReader(kafka, [kafka.output_topic, kafka.dead_letter_topic], **kwargs)
 
 
-def outcomes_by_id(kafka: KafkaConfig, ids: set[str], *, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Read results and dead letters until every id has one, or the deadline: id → record body.
+def outcomes_by_id(
+    kafka: KafkaConfig, ids: set[str], *, timeout_s: float, stop: threading.Event | None = None
+) -> dict[str, dict[str, Any]]:
+    """Read results and dead letters until every id has one, the deadline, or `stop` is set:
+    id → record body.
 
     No error past the deadline: the caller reports the ids that have no outcome.
     """
     found: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     with outcome_reader(kafka) as reader:
-        while not set(found) >= ids and time.monotonic() < deadline:
+        while not set(found) >= ids and time.monotonic() < deadline and not (stop and stop.is_set()):
             for record in reader.poll():
                 outcome = parse_outcome(record)
                 if outcome.id in ids:

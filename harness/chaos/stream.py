@@ -65,7 +65,7 @@ class Feeder(threading.Thread):
 
     def _send(self, producer: Any, indices: list[int], attempts: int = 5) -> None:
         topic = self.settings.kafka.input_topic
-        for attempt in range(1, attempts + 1):
+        for _attempt in range(1, attempts + 1):
             futures = [
                 (i, producer.send(topic, value=self.cases[i].value, key=self.cases[i].id.encode())) for i in indices
             ]

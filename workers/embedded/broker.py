@@ -12,6 +12,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+from workers.embedded.lifetime import server_tempdir
 from workers.embedded.process import (
     LOOPBACK,
     ServerProcess,
@@ -102,7 +103,7 @@ class Broker:
         if self._workdir_arg is not None:
             return self._workdir_arg
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="captioner-kafka-")
+            self._tmp = server_tempdir("kafka")
         return Path(self._tmp.name)
 
     def start(self) -> Broker:

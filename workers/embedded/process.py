@@ -2,7 +2,8 @@
 
 Every server binds 127.0.0.1 only, on a port drawn below Linux's ephemeral range; readiness is
 polled with a deadline; stop is SIGTERM, then SIGKILL after a timeout; an atexit hook stops
-anything still running so no test run leaves orphans.
+anything still running so no test run leaves orphans, and the kernel kills a server whose
+parent died without stopping it (`lifetime.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from workers.embedded.lifetime import die_with_parent, on_launcher_thread
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +126,20 @@ class ServerProcess:
 
     def start(self) -> None:
         self._log_file = open(self.log_path, "ab")
-        self._popen = subprocess.Popen(
-            self.argv,
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            # Own process group: a Ctrl+C in the terminal reaches us, and we stop the server in order.
-            start_new_session=True,
+        log_file, parent = self._log_file, os.getpid()
+        self._popen = on_launcher_thread(
+            lambda: subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Own process group: a Ctrl+C in the terminal reaches us, and we stop the server in order.
+                start_new_session=True,
+                # Killed by the kernel if we die without stopping it (SIGKILL included).
+                preexec_fn=die_with_parent(parent),
+            )
         )
         with _live_lock:
             _live.add(self)

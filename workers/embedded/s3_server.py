@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.config import S3Config
+from workers.embedded.lifetime import server_tempdir
 from workers.embedded.process import (
     LOOPBACK,
     WEED_GRPC_OFFSET,
@@ -131,7 +132,7 @@ class S3Server:
         if self._workdir_arg is not None:
             return self._workdir_arg
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="captioner-s3-")
+            self._tmp = server_tempdir("s3")
         return Path(self._tmp.name)
 
     @property
@@ -149,6 +150,9 @@ class S3Server:
             names = ["master", "volume", "filer", "s3", "admin"]
             self.ports = dict(zip(names, free_ports(len(names), partner_offset=WEED_GRPC_OFFSET), strict=True))
         p = self.ports
+        # Sockets a killed weed left on these ports would make this one fail to listen: the ports
+        # are free (checked), so whatever socket file carries their numbers is stale.
+        self._remove_grpc_sockets()
         argv = [
             str(weed_binary()),
             f"-logdir={log_dir}",  # glog otherwise writes weed.INFO etc. into /tmp
