@@ -5,7 +5,7 @@ raylet when it dies), but the raylet's agents (dashboard agent, runtime-env agen
 raylet's death only by polling and then try to report to the dead GCS: after a SIGKILL of
 `captioner run` they lingered 62 s here. This watchdog, started beside a local Ray, records the
 command's process tree (by descent from its PID, with start times, so a reused PID is never
-touched) every 0.2 s while the command lives; when the command is gone, however it ended, it
+touched) every 0.5 s while the command lives; when the command is gone, however it ended, it
 SIGKILLs whatever of that tree still runs and exits. It imports nothing heavy and ignores SIGINT
 (a Ctrl+C in the terminal reaches the whole process group; the command stops cleanly itself).
 """
@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-INTERVAL_S = 0.2
+INTERVAL_S = 0.5
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
