@@ -32,4 +32,4 @@ def broker() -> Iterator[Broker]:
 
 
 # One Ray cluster + Serve for every test module that needs it (a start costs ~6 s).
-from worker_fixtures import ray_serve  # noqa: E402,F401
+from helpers.worker_fixtures import ray_serve  # noqa: E402,F401

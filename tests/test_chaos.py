@@ -12,9 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from prometheus_client import write_to_textfile
 from typer.testing import CliRunner
 
-from workers.chaos import RESULT, ChaosOptions, build_corpus, run_chaos, write_report
+from harness.chaos import RESULT, ChaosOptions, build_corpus, run_chaos, write_report
 from workers.cli import app
 from workers.config import LimitsConfig
 
@@ -43,6 +44,29 @@ def test_the_request_mix_has_every_poison_kind_and_unique_ids() -> None:
     # Same seed, same mix (ids carry the run id, so compare everything else).
     again = build_corpus(ChaosOptions(requests=300, seed=3), LimitsConfig(max_message_bytes=256 * 1024), "t")
     assert [(c.kind, c.value) for c in again.cases] == [(c.kind, c.value) for c in corpus.cases]
+
+
+def test_worker_counters_are_read_from_a_registry_dump(tmp_path: Path) -> None:
+    """The report's retry figure comes from the worker's Prometheus registry, not from log text."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from harness.chaos.consumers import read_metrics_file
+    from harness.chaos.report import RETRIES_SAMPLE
+
+    registry = CollectorRegistry()
+    retries = Counter("captioner_inference_retries_total", "Replica calls retried", registry=registry)
+    dead = Counter("captioner_dead_letters_total", "Dead letters", ["code"], registry=registry)
+    retries.inc(3)
+    dead.labels("invalid_image").inc(2)
+    dead.labels("invalid_message").inc(5)
+    path = tmp_path / "worker.prom"
+    write_to_textfile(str(path), registry)
+
+    counters = read_metrics_file(path)
+    assert counters[RETRIES_SAMPLE] == 3
+    assert counters["captioner_dead_letters_total"] == 7  # summed over labels
+    assert not any(name.endswith("_created") for name in counters)
+    assert read_metrics_file(tmp_path / "never-written.prom") == {}
 
 
 def test_chaos_command_is_registered() -> None:
@@ -84,6 +108,12 @@ def test_chaos_run_loses_nothing_under_kills_restarts_and_s3_faults(ray_serve: N
     assert not report.secret_leaks and report.secrets_scanned["output_records"] == report.outcomes
     assert report.secrets_scanned["log_lines"] > 0
     assert report.peak_rss_mb["consumer_workers_largest_process"] > 0
+    # Worker counters come from each worker's registry dump: every worker that ran wrote one.
+    assert report.worker_metrics and all(report.worker_metrics.values()), summary
+    assert sum(c["captioner_consumed_total"] for c in report.worker_metrics.values()) >= report.requests * 0.9
+    assert report.inference_retries == sum(
+        c["captioner_inference_retries_total"] for c in report.worker_metrics.values()
+    )
     # The session's Ray and its other Serve apps are untouched; ours is gone.
     assert ray.is_initialized()
     assert set(serve.status().applications) == apps_before

@@ -12,8 +12,8 @@ import pytest
 import requests
 import yaml
 
-from kafka_helpers import produce
-from worker_fixtures import (
+from helpers.kafka_helpers import produce
+from helpers.worker_fixtures import (
     BUCKET,
     collect_outcomes,
     flat_png,
@@ -71,7 +71,7 @@ def deployed(ray_serve: str, broker, s3_server, tmp_path_factory) -> Any:
     from ray import serve
     from ray._common.utils import import_attr
 
-    from workers.chaos_proxy import ChaosProxy
+    from harness.chaos.proxy import ChaosProxy
     from workers.model.loading import build_tiny_random
 
     tmp = tmp_path_factory.mktemp("deploy")

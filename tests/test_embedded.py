@@ -6,12 +6,13 @@ import os
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 
-from kafka_helpers import consume_until, kafka_config, produce, unique_topic
+from helpers.kafka_helpers import consume_until, kafka_config, produce, unique_topic
 from workers.config import load_settings
 from workers.embedded import (
     WEED_GRPC_OFFSET,
@@ -144,3 +145,56 @@ def test_resolve_embedded_starts_resolves_and_stops(monkeypatch: pytest.MonkeyPa
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert settings.kafka.embedded  # the input settings are untouched
+
+
+def test_clean_stop_removes_the_servers_temp_folders() -> None:
+    with S3Server() as s3, Broker(s3=None) as broker:
+        folders = [s3.workdir, broker.workdir]
+        assert all(f.is_dir() for f in folders)
+        assert all(f"-{os.getpid()}-" in f.name for f in folders)  # named after their process
+    assert not any(f.exists() for f in folders)
+
+
+_KILLED_PARENT = """
+import json, sys, threading
+from workers.embedded import Broker, S3Server
+box = {}
+def start():  # from a thread that ends at once: the servers must outlive it, not the process
+    box["s3"], box["broker"] = S3Server().start(), Broker().start()
+t = threading.Thread(target=start); t.start(); t.join()
+s3, broker = box["s3"], box["broker"]
+print(json.dumps({"pids": [s3._proc.pid, broker.pid], "folders": [str(s3.workdir), str(broker.workdir)],
+                  "s3_ports": s3.ports, "broker_port": broker.port}), flush=True)
+threading.Event().wait()
+"""
+
+
+def test_servers_die_with_a_killed_parent_and_a_later_start_is_not_tripped(tmp_path) -> None:
+    """SIGKILL leaves no server running (the kernel's parent-death signal), and a later start on
+    the very same ports cleans up after it: the orphaned temp folders go, weed's stale gRPC
+    sockets do not block it."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers.processes import read_proc
+    from workers.embedded import wait_until
+
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        started = json.loads(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(10)
+    servers = [read_proc(pid) for pid in started["pids"]]
+    assert all(servers), "the servers did not outlive the thread that started them"
+    wait_until(lambda: not any(p.alive() for p in servers), timeout_s=10, what="servers to die with their parent")
+    assert all(Path(f).is_dir() for f in started["folders"])  # left behind: nobody ran to remove them
+
+    s3 = S3Server()
+    s3.ports = started["s3_ports"]
+    with s3, Broker(port=started["broker_port"]) as broker:
+        assert s3.client().list_buckets() is not None
+        assert broker.running
+    assert not any(Path(f).exists() for f in started["folders"])

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from workers.chaos_proxy import DROPPED, ERROR, TRUNCATED, ChaosProxy, FaultPlan
+from harness.chaos.proxy import DROPPED, ERROR, TRUNCATED, ChaosProxy, FaultPlan
 from workers.config import LimitsConfig
 from workers.contract import ErrorCode, Rejected
 from workers.embedded import S3Server, free_port

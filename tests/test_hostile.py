@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Producer
 from kafka import KafkaProducer
 
-from kafka_helpers import committed_offsets
-from worker_fixtures import (
+from helpers.kafka_helpers import committed_offsets
+from helpers.worker_fixtures import (
     BUCKET,
     collect_outcomes,
     deploy_tiny_replicas,
@@ -151,7 +151,7 @@ def test_an_outcome_the_output_topic_refuses_becomes_a_compact_dead_letter(broke
 
 
 def test_throttling_that_lasts_seconds_stays_transient_under_the_default_budget(broker, s3_server, replicas):
-    from workers.chaos_proxy import ChaosProxy, FaultPlan
+    from harness.chaos.proxy import ChaosProxy, FaultPlan
 
     good = upload(s3_server, "hostile/throttled.png", png_bytes(13))
     plan = FaultPlan(fail_first=6, error_status=503)  # SlowDown for the first six calls: 3-6 s of backoff

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from model_fixtures import (
+from helpers.model_fixtures import (
     EDGE_CASES,
     REPO,
     SAMPLE_FILES,

@@ -1,4 +1,8 @@
-"""House rules of the source tree, checked: imports flow one way, no cycles, small modules."""
+"""House rules of the source tree, checked: imports flow one way, no cycles, small modules.
+
+`harness` (bench, chaos) builds on the runtime; `deployment` builds on `workers`. Only the CLI,
+the entry point, reaches up, and only lazily inside a command.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("workers", "deployment", "harness")
+ENTRY_POINT = "workers.cli"
 MAX_LINES = 500
 
 
@@ -87,7 +92,7 @@ def test_imports_flow_one_way(low: str, forbidden: str) -> None:
     offenders = {
         f"{name} imports {target}"
         for name, targets in graph().items()
-        if name == low or name.startswith(low + ".")
+        if (name == low or name.startswith(low + ".")) and name != ENTRY_POINT
         for target in targets
         if (target == forbidden or target.startswith(forbidden + ".")) and not target.startswith(low)
     }
@@ -97,3 +102,16 @@ def test_imports_flow_one_way(low: str, forbidden: str) -> None:
 def test_no_module_over_the_size_limit() -> None:
     too_long = {str(p.relative_to(REPO)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not too_long, too_long
+
+
+def test_the_cli_reaches_up_only_lazily() -> None:
+    path = REPO / "workers" / "cli.py"
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    upward = [
+        (node.module, id(node) in top_level)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("harness", "deployment")
+    ]
+    assert {module.split(".")[0] for module, _ in upward} == {"harness", "deployment"}
+    assert not [module for module, top in upward if top], "import the harness and deployment inside commands"

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
+from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
 from PIL import Image
 from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor
 

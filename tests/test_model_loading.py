@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
+from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
 
 from workers.config import TINY_RANDOM, ModelConfig
 from workers.images import prepare

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import SAMPLE_FILES, bad_files, tiny_cache_dir, tiny_model  # noqa: F401
+from helpers.model_fixtures import SAMPLE_FILES, bad_files, tiny_cache_dir, tiny_model  # noqa: F401
 from typer.testing import CliRunner
 
 from workers import offline

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from model_fixtures import EDGE_CASES, SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
+from helpers.model_fixtures import EDGE_CASES, SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
 from PIL import Image
 from transformers import ViTImageProcessor
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker_fixtures import deploy_tiny_replicas
+from helpers.worker_fixtures import deploy_tiny_replicas
 from workers.config import ReplicasConfig
 from workers.embedded import wait_until
 from workers.replica_api import ReplicaInfo

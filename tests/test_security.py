@@ -28,9 +28,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import SecretStr
 
-from kafka_helpers import committed_offsets, kafka_config, produce
-from tls_helpers import TestCA, TlsTerminator
-from worker_fixtures import (
+from helpers.kafka_helpers import committed_offsets, kafka_config, produce
+from helpers.tls_helpers import TestCA, TlsTerminator
+from helpers.worker_fixtures import (
     MODEL_CACHE,
     REPO,
     collect_outcomes,
@@ -39,7 +39,7 @@ from worker_fixtures import (
     request,
     worker_settings,
 )
-from workers.chaos_proxy import DROPPED, ChaosProxy, FaultPlan
+from harness.chaos.proxy import DROPPED, ChaosProxy, FaultPlan
 from workers.config import ConfigError, KafkaConfig, LimitsConfig, load_settings
 from workers.contract import ErrorCode, Rejected, parse_request
 from workers.embedded import Broker, S3Server, free_port, wait_until

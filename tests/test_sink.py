@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kafka_helpers import consume_until, kafka_config
+from helpers.kafka_helpers import consume_until, kafka_config
 from workers import contract
 from workers.config import KafkaConfig, LimitsConfig
 from workers.embedded import Broker

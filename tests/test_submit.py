@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kafka_helpers import consume_until, unique_topic
+from helpers.kafka_helpers import consume_until, unique_topic
 from workers.config import Settings, load_settings
 from workers.embedded import Broker, S3Server
 from workers.submit import SubmitError, submit

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from kafka_helpers import produce
-from worker_fixtures import collect_outcomes, png_bytes, request, tiny_model_config, upload, worker_settings
+from helpers.kafka_helpers import produce
+from helpers.worker_fixtures import collect_outcomes, png_bytes, request, tiny_model_config, upload, worker_settings
 from workers.config import ReplicasConfig
 from workers.kafkaclient import ensure_topics
 from workers.pipeline import Pipeline

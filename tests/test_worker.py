@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import requests
 
-from kafka_helpers import committed_offsets, consume_until, produce
-from worker_fixtures import (
+from helpers.kafka_helpers import committed_offsets, consume_until, produce
+from helpers.worker_fixtures import (
     BUCKET,
     deploy_tiny_replicas,
     collect_outcomes,
@@ -132,7 +132,7 @@ def test_cache_answers_a_repeated_image_without_the_model(broker, s3_server, rep
 
 
 def test_every_dead_letter_code_and_offsets_move_past_them(broker, s3_server, replicas):
-    from workers.chaos_proxy import ChaosProxy, FaultPlan
+    from harness.chaos.proxy import ChaosProxy, FaultPlan
 
     settings = worker_settings(
         broker.bootstrap_servers,

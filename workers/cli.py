@@ -99,7 +99,7 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """Benchmarks that print ratios measured in one run (random weights, beam 2, 16 new tokens)."""
-    from workers import bench as bench_mod
+    from harness import bench as bench_mod  # tooling, not runtime: imported only here
 
     bench_mod.main(mode=mode, backend=backend, batch_sizes=[int(b) for b in batch_sizes.split(",")],
                    model=model, rounds=rounds)
@@ -116,9 +116,9 @@ def run(config: ConfigOpt = None) -> None:
 @app.command("serve")
 def serve_cmd(config: ConfigOpt = None) -> None:
     """The Serve application locally: HTTP API + Kafka ingest + replicas (configs/serve.yaml's app)."""
-    from workers import runner
+    from deployment.local import serve_http
 
-    raise typer.Exit(runner.serve_http(_settings(config)))
+    raise typer.Exit(serve_http(_settings(config)))
 
 
 @app.command()
@@ -161,18 +161,17 @@ def chaos(
     s3_truncate_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 bodies cut short")] = 0.02,
     consumers: Annotated[int, typer.Option(min=1, help="consumer worker processes in the group")] = 2,
     max_in_flight: Annotated[int, typer.Option(min=1, help="worker.max_in_flight per consumer worker")] = 32,
-    inference_attempts: Annotated[int, typer.Option(min=1, help="worker.inference_attempts for the run")] = 6,
     timeout: Annotated[Optional[float], typer.Option(help="seconds for the whole stream (default scales with --requests)")] = None,
     keep: Annotated[bool, typer.Option(help="keep the work dir (logs, settings) under .tmp/")] = False,
 ) -> None:
     """A bounded, loopback-only chaos run (embedded S3, durable broker, Ray): exit 1 if anything was lost."""
-    from workers import chaos as chaos_mod
+    from harness import chaos as chaos_mod  # tooling, not runtime: imported only here
 
     opts = chaos_mod.ChaosOptions(
         requests=requests, seed=seed, kill_replicas=kill_replicas, kill_consumers=kill_consumers,
         broker_restarts=broker_restarts, s3_error_rate=s3_error_rate, s3_drop_rate=s3_drop_rate,
         s3_delay_rate=s3_delay_rate, s3_truncate_rate=s3_truncate_rate, consumers=consumers,
-        max_in_flight=max_in_flight, inference_attempts=inference_attempts, timeout_s=timeout, keep_workdir=keep,
+        max_in_flight=max_in_flight, timeout_s=timeout, keep_workdir=keep,
     )
     result = chaos_mod.run_chaos(opts, command=chaos_mod.command_line())
     chaos_mod.print_report(result)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,12 @@ from rich.table import Table
 
 from workers import metrics
 from workers.config import DEFAULT_MODEL, TINY_RANDOM, RayConfig, Settings
+from workers.signals import (
+    Stopped,
+    keep_stop_handlers,
+    on_stop_signals,
+    raise_on_stop_signals,
+)
 from workers.ui import untrained_banner
 
 log = logging.getLogger(__name__)
@@ -42,17 +46,35 @@ def start_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address is not None:
-        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
+        with keep_stop_handlers():
+            ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
         return
     temp_dir = cfg.temp_dir or Path(os.environ.get("CAPTIONER_RAY_TMP", "/tmp/captioner-ray"))
-    ray.init(
-        namespace=cfg.namespace,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=str(temp_dir),
-    )
+    # The cluster it starts (GCS, raylet) is fate-shared with this process; the raylet's agents
+    # are not (they lingered a minute after a SIGKILL): the watchdog kills them when we are gone.
+    _start_watchdog()
+    # Ray replaces the SIGTERM handler; the command's own stop handling must survive it.
+    with keep_stop_handlers():
+        ray.init(
+            namespace=cfg.namespace,
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=str(temp_dir),
+        )
+
+
+_watchdog: Any = None
+
+
+def _start_watchdog() -> None:
+    """One per process (kept referenced: it must run until this process is gone)."""
+    global _watchdog
+    if _watchdog is None or _watchdog.poll() is not None:
+        from workers.watchdog import start_watchdog
+
+        _watchdog = start_watchdog()
 
 
 def start_serve(settings: Settings, *, http: bool) -> None:
@@ -116,51 +138,23 @@ def run(settings: Settings) -> int:
     from workers.pipeline import Pipeline
 
     metrics.serve_metrics(settings.metrics.port, settings.metrics.host)
-    with running_system(settings) as (resolved, replicas):
-        pipeline = Pipeline(resolved, replicas).start()
-        stop = _stop_on_signals(pipeline)
-        console.print(
-            f"[bold green]captioner running[/]: {resolved.kafka.input_topic} → {resolved.kafka.output_topic} "
-            f"(model {pipeline.model_record['name']}, backend {pipeline.model_record['backend']})"
-        )
-        if pipeline.model_record.get("untrained"):
-            console.print(untrained_banner(pipeline.model_record["name"]))
-        pipeline.wait()
-        stop()
-        return pipeline.exit_code if pipeline.failed.is_set() else 0
-
-
-def serve_http(settings: Settings) -> int:
-    """`captioner serve`: the whole Serve application (HTTP + Kafka ingest + replicas), locally."""
-    from ray import serve
-
-    from deployment.app import application
-    from workers.embedded import resolve_embedded
-    from workers.kafkaclient import ensure_topics
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with resolve_embedded(settings) as embedded:
-        resolved = embedded.settings
-        kafka = resolved.kafka
-        ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
-        start_ray(resolved.ray)
-        import ray
-
-        try:
-            start_serve(resolved, http=True)
-            serve.run(application(resolved), name=resolved.ray.app_name, route_prefix=resolved.http.route_prefix)
-            url = f"http://{resolved.http.host}:{resolved.http.port}{resolved.http.route_prefix.rstrip('/')}"
-            console.print(f"[bold green]captioner serving[/] {url}/v1/captions (OpenAPI: {url}/docs); "
-                          f"consuming {kafka.input_topic} → {kafka.output_topic}")
-            stop.wait()
-            console.print("[yellow]stopping: the ingest drains and commits…[/]")
-        finally:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
-    return 0
+    raise_on_stop_signals()
+    try:
+        with running_system(settings) as (resolved, replicas):
+            pipeline = Pipeline(resolved, replicas).start()
+            stop = _stop_on_signals(pipeline)
+            console.print(
+                f"[bold green]captioner running[/]: {resolved.kafka.input_topic} → {resolved.kafka.output_topic} "
+                f"(model {pipeline.model_record['name']}, backend {pipeline.model_record['backend']})"
+            )
+            if pipeline.model_record.get("untrained"):
+                console.print(untrained_banner(pipeline.model_record["name"]))
+            pipeline.wait()
+            stop()
+            return pipeline.exit_code if pipeline.failed.is_set() else 0
+    except Stopped as e:
+        console.print(f"[yellow]{e} while starting: stopped what had started[/]")
+        return 0
 
 
 def _stop_on_signals(pipeline: Any) -> Any:
@@ -172,12 +166,7 @@ def _stop_on_signals(pipeline: Any) -> Any:
             console.print("[yellow]stopping: draining in-flight records and committing…[/]")
             pipeline.stop()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        # Only flag it here; the drain runs on the main thread after wait() returns.
-        pipeline.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    on_stop_signals(pipeline.request_stop)
     return stop
 
 
@@ -194,9 +183,6 @@ def pretrained_available(source: str = DEFAULT_MODEL) -> bool:
 
 def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300) -> int:
     """Embedded everything: upload the samples, submit one request each, caption, print, exit."""
-    from workers.contract import encode
-    from workers.pipeline import Pipeline
-
     source = model or (DEFAULT_MODEL if pretrained_available() else TINY_RANDOM)
     settings = settings.model_copy(
         update={
@@ -207,10 +193,23 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
     )
     files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     console.print(f"[bold]demo[/]: {len(files)} sample images, model {source}, embedded Kafka + S3 + Ray")
+    raise_on_stop_signals()
+    try:
+        return _demo(settings, files, timeout_s)
+    except Stopped as e:
+        console.print(f"[yellow]{e} while starting: stopped what had started[/]")
+        return 0
+
+
+def _demo(settings: Settings, files: list[Path], timeout_s: float) -> int:
+    from workers.contract import encode
+    from workers.pipeline import Pipeline
+
     with running_system(settings) as (resolved, replicas):
         from kafka import KafkaProducer
 
         from workers.kafkaclient import producer_kwargs
+        from workers.outcomes import outcomes_by_id
         from workers.s3 import make_s3_client
 
         bucket = next(b for b in resolved.s3.allowed_buckets if b != "*")
@@ -224,45 +223,22 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
         producer.close()
 
         pipeline = Pipeline(resolved, replicas).start()
+        interrupted = threading.Event()
+        on_stop_signals(interrupted.set)
         try:
-            outcomes = collect_outcomes(resolved, {p.name for p in files}, timeout_s=timeout_s)
+            outcomes = outcomes_by_id(
+                resolved.kafka, {p.name for p in files}, timeout_s=timeout_s, stop=interrupted
+            )
         finally:
             pipeline.stop()
         print_outcomes(outcomes, [p.name for p in files])
         if pipeline.model_record.get("untrained"):
             console.print(untrained_banner(pipeline.model_record["name"]))
+    if interrupted.is_set():
+        console.print("[yellow]demo stopped by a signal; everything it started is stopped[/]")
+        return 0
     missing = {p.name for p in files} - set(outcomes)
     return 1 if missing else 0
-
-
-def collect_outcomes(settings: Settings, ids: set[str], *, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Read results and dead letters until every id has one outcome (or the deadline)."""
-    import json
-
-    from kafka import KafkaConsumer
-
-    from workers.kafkaclient import client_kwargs
-
-    kafka = settings.kafka
-    consumer = KafkaConsumer(
-        kafka.output_topic,
-        kafka.dead_letter_topic,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **client_kwargs(kafka),
-    )
-    outcomes: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while set(outcomes) < ids and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                for record in records:
-                    body = json.loads(record.value)
-                    if body.get("id") in ids:
-                        outcomes[body["id"]] = body
-    finally:
-        consumer.close()
-    return outcomes
 
 
 def print_outcomes(outcomes: dict[str, dict[str, Any]], order: list[str]) -> None:

@@ -30,18 +30,25 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from workers.bench import bench_model_dir
-from workers.config import TINY_RANDOM, ModelConfig, ReplicasConfig, Settings, WorkerConfig, load_settings
-from workers.params import GenerationParams
+from harness.bench.common import BENCH_PARAMS as PARAMS
+from harness.bench.common import bench_model_dir, print_header, ratio_line
+from workers.config import (
+    TINY_RANDOM,
+    ModelConfig,
+    ReplicasConfig,
+    Settings,
+    WorkerConfig,
+    load_settings,
+)
 
 THROUGHPUT_TARGET = 0.9
 LATENCY_TARGET_MS = 50.0
-PARAMS = GenerationParams(beam_size=2, max_output_length=16, min_output_length=16)
 
 
 def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
     console = Console()
     batch = max(batch_sizes)
+    print_header(console, f"bench mode=pipeline model={model} backend={backend} batch {batch}")
     with tempfile.TemporaryDirectory(prefix="captioner-bench-pipeline-") as tmp:
         model_dir = bench_model_dir(model, Path(tmp), console)
         spec_size = _input_size(model_dir)
@@ -102,7 +109,7 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
     from kafka import KafkaConsumer, KafkaProducer
 
     from workers.contract import encode
-    from workers.fetch import make_s3_client
+    from workers.s3 import make_s3_client
     from workers.kafkaclient import client_kwargs, producer_kwargs
     from workers.pipeline import Pipeline
     from workers.runner import running_system
@@ -198,6 +205,7 @@ def _report(console: Console, model: str, backend: str, batch: int, bare: dict[s
                   f"{piped['p50_ms']:.0f} ms", f"{delta:+.0f} ms", f"≤ +{LATENCY_TARGET_MS:.0f} ms")
     table.add_row("latency p95 (light load)", "", f"{piped['p95_ms']:.0f} ms", "", "")
     console.print(table)
+    console.print(ratio_line("pipeline / bare model images/s", ratio, THROUGHPUT_TARGET))
     stages = ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in piped["stages_ms"].items())
     console.print(f"light load, median per stage inside the worker: {stages}")
     console.print(f"batch sizes the replica ran (warm-up and throughput): {piped['batch_sizes']}")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from workers.config import TINY_RANDOM, ModelConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "workers" / "samples"
 SAMPLE_FILES = sorted(SAMPLES.glob("*.jpg"))
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kafka_helpers import kafka_config
+from helpers.kafka_helpers import kafka_config
 from workers.config import (
     LimitsConfig,
     MetricsConfig,
@@ -24,7 +24,7 @@ from workers.config import (
     WorkerConfig,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Short on purpose: Ray's unix sockets live below it, and AF_UNIX paths stop at 107 bytes.
 RAY_TMP = Path(os.environ.get("CAPTIONER_TEST_RAY_TMP", f"/tmp/captioner-test-ray-{os.getuid()}"))
 MODEL_CACHE = REPO / ".tmp" / "models"
@@ -123,27 +123,11 @@ def outcomes_by_offset(records: list[Any]) -> dict[tuple[int, int], dict[str, An
 def collect_outcomes(kafka: Any, count: int, *, timeout: float = 60) -> tuple[list[Any], list[Any]]:
     """Read results and dead letters (from the earliest offset) until `count` arrived in all,
     connecting the way `kafka` says (TLS included)."""
-    from kafka import KafkaConsumer, TopicPartition
+    from workers.outcomes import outcome_reader
 
-    from workers.embedded import wait_until
-    from workers.kafkaclient import client_kwargs
-
-    topics = (kafka.output_topic, kafka.dead_letter_topic)
-    consumer = KafkaConsumer(**client_kwargs(kafka), enable_auto_commit=False, auto_offset_reset="earliest",
-                             group_id=None)
-    got: dict[str, list[Any]] = {t: [] for t in topics}
-    try:
-        wait_until(lambda: all(consumer.partitions_for_topic(t) for t in topics), timeout_s=30, what="topics")
-        consumer.assign([TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)])
-        consumer.seek_to_beginning()
-
-        def enough() -> bool:
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    got[r.topic].append(r)
-            return sum(len(v) for v in got.values()) >= count
-
-        wait_until(enough, timeout_s=timeout, interval_s=0, what=f"{count} outcomes on {topics}")
-    finally:
-        consumer.close()
-    return got[kafka.output_topic], got[kafka.dead_letter_topic]
+    with outcome_reader(kafka) as reader:
+        records = reader.read_until(lambda got: len(got) >= count, timeout_s=timeout, what=f"{count} outcomes")
+    return (
+        [r for r in records if r.topic == kafka.output_topic],
+        [r for r in records if r.topic == kafka.dead_letter_topic],
+    )

@@ -1,6 +1,6 @@
-"""`captioner bench`: batched CaptionModel vs a naive one-image-at-a-time transformers pipeline.
+"""`captioner bench --mode model`: batched CaptionModel vs a naive one-image-at-a-time transformers pipeline.
 
-mode "model" builds the full-size ViT-GPT2 architecture from configs with random weights (the
+It builds the full-size ViT-GPT2 architecture from configs with random weights (the
 pretrained checkpoint cannot be assumed here), or uses tiny-random for a smoke run, and measures
 in ONE run, on the same machine and weights:
 - CaptionModel.caption at each batch size, from encoded image bytes (decode + resize included);
@@ -25,12 +25,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from harness.bench.common import (
+    BENCH_PARAMS,
+    SAMPLES,
+    bench_model_dir,
+    print_header,
+    ratio_line,
+)
 from workers.config import TINY_RANDOM, ModelConfig
-from workers.params import GenerationParams
 
-SAMPLES = Path(__file__).parent / "samples"
 TARGET_RATIO = 2.5
-BENCH_PARAMS = GenerationParams(beam_size=2, max_output_length=16, min_output_length=16)
+TF_TARGET_RATIO = 0.9
 
 
 @dataclass(frozen=True)
@@ -42,17 +47,7 @@ class Measurement:
     latency_s: float  # median wall time of one call: a batch, or one image for the naive loop
 
 
-def main(mode: str, backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
-    if mode == "pipeline":
-        try:
-            from workers.bench_pipeline import main as pipeline_main
-        except ModuleNotFoundError as e:
-            if e.name != "workers.bench_pipeline":
-                raise
-            raise NotImplementedError("bench mode 'pipeline' lives in workers/bench_pipeline.py, not written yet") from None
-        return pipeline_main(backend=backend, batch_sizes=batch_sizes, model=model, rounds=rounds)
-    if mode != "model":
-        raise ValueError(f"unknown bench mode {mode!r}: use 'model' or 'pipeline'")
+def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
     if backend not in ("torch", "tf", "both"):
         raise ValueError(f"unknown backend {backend!r}: use torch, tf or both")
     if model not in ("full", TINY_RANDOM):
@@ -63,22 +58,10 @@ def main(mode: str, backend: str, batch_sizes: list[int], model: str, rounds: in
     if "tf" not in backends:
         os.environ.setdefault("USE_TF", "0")  # keep TensorFlow out of a torch-only run
     console = Console()
+    print_header(console, f"bench mode=model model={model} backend={backend}")
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         model_dir = bench_model_dir(model, Path(tmp), console)
         _run(console, model_dir, model, backends, sorted(set(batch_sizes)), rounds)
-
-
-def bench_model_dir(model: str, tmp: Path, console: Console) -> Path:
-    """The benchmark's model: tiny-random from its cache, or the full-size one built into `tmp`."""
-    from workers.model.loading import build_random_model, resolve_model_dir
-
-    if model == TINY_RANDOM:
-        return resolve_model_dir(ModelConfig(source=TINY_RANDOM)).path
-    start = time.perf_counter()
-    console.print("building the full-size ViT-GPT2 from configs with random weights ...")
-    path = build_random_model(tmp / "vit-gpt2-random", size="full", seed=0)
-    console.print(f"  built and saved in {time.perf_counter() - start:.1f} s ({path})")
-    return path
 
 
 @dataclass
@@ -144,7 +127,12 @@ def _run(console: Console, model_dir: Path, model: str, backends: list[str], bat
 
 def _naive_case(model_dir: Path, torch_model: object | None, files: list[Path]) -> _Case:
     """transformers' image-to-text pipeline, one image per call, same weights and settings."""
-    from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor, pipeline
+    from transformers import (
+        AutoTokenizer,
+        VisionEncoderDecoderModel,
+        ViTImageProcessor,
+        pipeline,
+    )
 
     captioner = pipeline(
         "image-to-text",
@@ -174,18 +162,12 @@ def _report(console: Console, measurements: list[Measurement], model: str, round
     for name in dict.fromkeys(m.backend for m in measurements if not m.how.startswith("naive")):
         largest = max((m for m in measurements if m.backend == name and not m.how.startswith("naive")), key=lambda m: m.batch_size)
         ratio = largest.images_per_s / naive.images_per_s
-        verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
-        console.print(
-            f"{name}: batch {largest.batch_size} / naive pipeline = {ratio:.2f}× ({verdict} the {TARGET_RATIO}× target)"
-        )
+        console.print(ratio_line(f"{name}: batch {largest.batch_size} / naive pipeline", ratio, TARGET_RATIO))
     _report_tf_vs_torch(console, measurements)
     # Peak resident memory of this process (both backends' weights when both ran).
     import resource
 
     console.print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-
-
-TF_TARGET_RATIO = 0.9
 
 
 def _report_tf_vs_torch(console: Console, measurements: list[Measurement]) -> None:
@@ -195,6 +177,4 @@ def _report_tf_vs_torch(console: Console, measurements: list[Measurement]) -> No
         torch_m = by.get(("torch", batch))
         if backend != "tf" or torch_m is None:
             continue
-        ratio = tf.images_per_s / torch_m.images_per_s
-        verdict = "meets" if ratio >= TF_TARGET_RATIO else "BELOW"
-        console.print(f"batch {batch}: tf / torch = {ratio:.2f}× ({verdict} the {TF_TARGET_RATIO}× target)")
+        console.print(ratio_line(f"batch {batch}: tf / torch", tf.images_per_s / torch_m.images_per_s, TF_TARGET_RATIO))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,41 +28,16 @@ def consume_until(
 ) -> list[ConsumerRecord]:
     """Read `topic` from the earliest offset (no group) until the predicate holds over everything
     read so far, or that many records arrived; TimeoutError (with what was read) past `timeout`."""
+    from workers.config import KafkaConfig
+    from workers.outcomes import TopicReader
+
     if isinstance(predicate_or_count, int):
         count = predicate_or_count
         done: Predicate = lambda records: len(records) >= count  # noqa: E731
     else:
         done = predicate_or_count
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-    )
-    records: list[ConsumerRecord] = []
-    try:
-        deadline = time.monotonic() + timeout
-        assigned = False
-        while True:
-            if not assigned:
-                # The topic may not exist yet: assign once metadata knows its partitions.
-                partitions = consumer.partitions_for_topic(topic)
-                if partitions:
-                    consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-                    consumer.seek_to_beginning()
-                    assigned = True
-            if assigned:
-                for batch in consumer.poll(timeout_ms=200).values():
-                    records.extend(batch)
-            if done(records):
-                return records
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"after {timeout:.0f} s on {topic}: {len(records)} record(s) read: {records[:5]}")
-            if not assigned:
-                time.sleep(0.05)
-    finally:
-        consumer.close()
+    with TopicReader(KafkaConfig(bootstrap_servers=bootstrap), [topic]) as reader:
+        return reader.read_until(done, timeout_s=timeout)
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
