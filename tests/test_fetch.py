@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness.chaos.proxy import DROPPED, ERROR, TRUNCATED, ChaosProxy, FaultPlan
+from harness.chaos.proxy import DRIPPED, DROPPED, ERROR, TRUNCATED, ChaosProxy, FaultPlan
 from workers.config import LimitsConfig
 from workers.contract import ErrorCode, Rejected
 from workers.embedded import S3Server, free_port
@@ -229,3 +230,32 @@ def test_concurrent_fetches_share_one_fetcher(s3_server: S3Server) -> None:
         results = list(pool.map(fetch, keys))
     assert results == [bodies[k] for k in keys]
     assert len(threads) > 1
+
+
+def test_a_dripping_server_is_cut_off_at_the_fetch_deadline(
+    s3_server: S3Server, proxy: ChaosProxy, image_key: str
+) -> None:
+    # Each socket read returns well inside the read timeout; only a total deadline ends it.
+    proxy.set_plan(FaultPlan(drip_rate=1.0, drip_bytes=8, drip_interval_s=0.2, applies_to=lambda m, _p: m == "GET"))
+    fetcher = make_fetcher(s3_server, endpoint_url=proxy.url, read_timeout_s=5, fetch_deadline_s=1.0, max_attempts=2)
+    started = time.monotonic()
+    error = rejected(fetcher, f"s3://images/{image_key}")
+    assert error.code == ErrorCode.FETCH_FAILED and "fetch deadline" in error.message
+    assert time.monotonic() - started < 8, "two attempts of about a second each, not the whole drip"
+    assert proxy.counts()[DRIPPED] == 2
+
+
+def test_retries_last_for_the_budget_not_a_count(s3_server: S3Server, proxy: ChaosProxy, image_key: str) -> None:
+    proxy.set_plan(FaultPlan(fail_first=1000, error_status=503))
+    cfg = s3_server.s3_config(backoff_s=0.05, max_attempts=None, retry_budget_s=1.5)
+    client = s3_server.client(endpoint_url=proxy.url)
+    started = time.monotonic()
+    error = rejected(Fetcher(client, cfg, LimitsConfig(), seed=1), f"s3://images/{image_key}")
+    elapsed = time.monotonic() - started
+    assert error.code == ErrorCode.FETCH_FAILED and "503" in error.message
+    assert 0.5 < elapsed < 4, elapsed
+    assert proxy.counts()[ERROR] >= 5, "more tries than the old fixed count of 4 within the budget"
+    proxy.set_plan(FaultPlan(fail_first=6, error_status=503))
+    assert Fetcher(client, cfg.model_copy(update={"retry_budget_s": 30}), LimitsConfig()).fetch(
+        f"s3://images/{image_key}"
+    ).data == PAYLOAD, "a burst of throttling inside the budget is not a dead letter"

@@ -30,6 +30,7 @@ ERROR = "error"
 DELAYED = "delayed"
 DROPPED = "dropped"
 TRUNCATED = "truncated"
+DRIPPED = "dripped"
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -49,6 +50,11 @@ class FaultPlan:
     truncate_rate: float = 0.0
     delay_rate: float = 0.0
     delay_s: float = 0.5
+    # A server that sends a GET's body `drip_bytes` at a time, `drip_interval_s` apart: every
+    # socket read returns within any read timeout, yet the transfer takes as long as it likes.
+    drip_rate: float = 0.0
+    drip_bytes: int = 16
+    drip_interval_s: float = 0.2
     applies_to: Callable[[str, str], bool] | None = None
 
 
@@ -158,6 +164,7 @@ class ChaosProxy:
                 (ERROR, plan.error_rate),
                 (DROPPED, plan.drop_rate),
                 (TRUNCATED, plan.truncate_rate),
+                (DRIPPED, plan.drip_rate),
                 (DELAYED, plan.delay_rate),
             ):
                 if rate > 0 and st.rng.random() < rate:
@@ -206,8 +213,27 @@ class ChaosProxy:
                 _write_response(wfile, status, resp_headers, half, method, content_length=len(resp_body))
                 conn.shutdown(socket.SHUT_RDWR)
                 return
+            if outcome == DRIPPED and method == "GET" and len(resp_body) > 1:
+                self._record(Seen(method, path, DRIPPED, status, len(resp_body)))
+                if not self._drip(wfile, status, resp_headers, resp_body):
+                    conn.shutdown(socket.SHUT_RDWR)  # the client gave up on it
+                    return
+                continue
             self._record(Seen(method, path, outcome, status, 0 if method == "HEAD" else len(resp_body)))
             _write_response(wfile, status, resp_headers, resp_body, method)
+
+    def _drip(self, wfile: BinaryIO, status: int, headers: list[tuple[str, str]], body: bytes) -> bool:
+        """Headers at once, then the body a few bytes at a time; False when the client hung up."""
+        plan = self._state.plan
+        _write_response(wfile, status, headers, b"", "GET", content_length=len(body))
+        try:
+            for start in range(0, len(body), plan.drip_bytes):
+                wfile.write(body[start : start + plan.drip_bytes])
+                wfile.flush()
+                time.sleep(plan.drip_interval_s)
+        except OSError:
+            return False
+        return True
 
     def _forward(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
