@@ -179,3 +179,23 @@ def test_out_of_memory_splits_the_batch_before_failing_one_image() -> None:
     assert calls[0] == 8 and min(calls) == 1, calls
     not_oom = run_splitting(lambda *_: (_ for _ in ()).throw(ValueError("bad params")), [image(1), image(2)], PARAMS, 2)
     assert [a.error for a in not_oom] == ["ValueError: bad params"] * 2, "a real failure is not split"
+
+
+def test_an_unavailable_tier_is_retried_past_the_budget_never_failing_the_images() -> None:
+    from workers.replica_api import ReplicasUnavailable
+
+    class Unavailable(FakeHandle):
+        async def _answer(self, items: list[tuple[np.ndarray, GenerationParams]]) -> list[ReplicaAnswer]:
+            self.calls.append(len(items))
+            if len(self.calls) <= 6:
+                raise ReplicasUnavailable("connection refused")
+            return [ReplicaAnswer(["back"], None, len(items), 1.0) for _ in items]
+
+    async def scenario() -> None:
+        handle = Unavailable()
+        client = ReplicaClient(handle, max_batch_size=4, wait_s=0.0, retry_budget_s=0.0, call_timeout_s=30, max_attempts=2)
+        answer = await asyncio.wait_for(client.caption(image(1), PARAMS), 30)
+        assert answer.captions == ["back"] and len(handle.calls) == 7, "neither the budget nor max_attempts ended it"
+        await client.close()
+
+    asyncio.run(scenario())

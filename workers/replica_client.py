@@ -15,7 +15,7 @@ import numpy as np
 
 from workers.contract import describe
 from workers.params import GenerationParams
-from workers.replica_api import InferenceError, ReplicaAnswer
+from workers.replica_api import InferenceError, ReplicaAnswer, ReplicasUnavailable
 
 _Pending = tuple[np.ndarray, GenerationParams, "asyncio.Future[ReplicaAnswer]"]
 
@@ -33,12 +33,14 @@ class ReplicaClient:
     several can be in flight and the replicas' @serve.batch merges them. Use from one asyncio loop.
 
     Failures, and what they become:
-    - a call that fails as a whole (a replica died under it, none is reachable, Serve answered
-      with backpressure, or it ran past `call_timeout_s` and was cancelled) says nothing about
-      its images: it is retried with exponential backoff and jitter until `retry_budget_s` is
-      spent (or `max_attempts`, when set), and only then do its images fail (ReplicaCallFailed);
-      meanwhile their records stay in flight, so a long outage fills the window and pauses the
-      source instead of draining the stream into dead letters;
+    - the inference tier is unavailable (nothing reached a replica: connection refused, Serve's
+      backpressure, no replica up during an upgade — `ReplicasUnavailable` and Serve's own
+      equivalents): retried with backoff and jitter for as long as it lasts, never a dead
+      letter. The images' records stay in flight, so the window fills and the source pauses;
+    - a call that failed after reaching a replica (it died under the call, or the call ran past
+      `call_timeout_s` and was cancelled) says nothing about its images either: it is retried
+      with backoff until `retry_budget_s` is spent (or `max_attempts`, when set), and only then
+      do its images fail (ReplicaCallFailed → inference_failed);
     - a failed generate comes back in-band as that image's error (InferenceError) and is not
       retried: the same params would fail again.
     """
@@ -118,8 +120,9 @@ class ReplicaClient:
                 answers = await self._call_once(items)
             except Exception as e:  # the replica died, none is reachable, or the call hung
                 delay = backoff_s(attempt)
+                unavailable = is_unavailable(e)
                 out_of_tries = self.max_attempts is not None and attempt >= self.max_attempts
-                if out_of_tries or loop.time() + delay > budget_ends:
+                if not unavailable and (out_of_tries or loop.time() + delay > budget_ends):
                     failure = ReplicaCallFailed(f"after {attempt} attempt(s): {describe(e)}")
                     for _, _, future in batch:
                         if not future.done():
@@ -150,6 +153,14 @@ class ReplicaClient:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)  # keep a reference: the loop holds tasks only weakly
         task.add_done_callback(self._tasks.discard)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Nothing reached a replica: the tier is down, restarting or pushing back (never the images' fault)."""
+    if isinstance(error, ReplicasUnavailable):
+        return True
+    # Serve's own: its router found no replica to take the call, or max_queued_requests is full.
+    return type(error).__name__ in {"BackPressureError", "DeploymentUnavailableError"}
 
 
 class ReplicaCallTimedOut(TimeoutError):
