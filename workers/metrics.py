@@ -33,6 +33,11 @@ COMMITS = Counter("captioner_commits_total", "Offset commits sent", ["result"])
 REBALANCES = Counter("captioner_rebalances_total", "Partitions assigned or revoked", ["event"])
 PRODUCE_ERRORS = Counter("captioner_produce_errors_total", "Records the broker did not acknowledge")
 INFERENCE_RETRIES = Counter("captioner_inference_retries_total", "Replica calls retried")
+# Per assigned partition: the newest offset minus the group's committed offset, as KEDA's Kafka
+# scaler and `captioner lag` count it (workers/ops/lag.py). Partitions are bounded by the topic.
+CONSUMER_LAG = Gauge(
+    "captioner_consumer_lag", "Records on an assigned partition not yet committed", ["topic", "partition"]
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
