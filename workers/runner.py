@@ -33,10 +33,7 @@ SAMPLES = Path(__file__).parent / "samples"
 def start_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a local one bound to loopback."""
     if cfg.address is None:
-        # A laptop or CI box: loopback only, no token auth, no usage stats. Set before import.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        local_ray_environment()
     import ray
 
     if ray.is_initialized():
@@ -53,6 +50,13 @@ def start_ray(cfg: RayConfig) -> None:
         log_to_driver=False,
         _temp_dir=str(temp_dir),
     )
+
+
+def local_ray_environment() -> None:
+    """A laptop or CI box: loopback only, no token auth, no usage stats. Set before `import ray`."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def deploy_replicas(settings: Settings, *, http: bool = False) -> Any:
@@ -199,6 +203,7 @@ def pretrained_available(source: str = DEFAULT_MODEL) -> bool:
 def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300) -> int:
     """Embedded everything: upload the samples, submit one request each, caption, print, exit."""
     from workers.contract import encode
+    from workers.logs import ray_output_as_logs
     from workers.pipeline import Pipeline
 
     source = model or (DEFAULT_MODEL if pretrained_available() else TINY_RANDOM)
@@ -211,7 +216,9 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
     )
     files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     console.print(f"[bold]demo[/]: {len(files)} sample images, model {source}, embedded Kafka + S3 + Ray")
-    with running_system(settings) as (resolved, replicas):
+    # Ray's own lines (and its shutdown noise) become --verbose logs; the table comes after.
+    local_ray_environment()  # the demo's Ray is always local; ray_output_as_logs imports it
+    with ray_output_as_logs(), running_system(settings) as (resolved, replicas):
         from kafka import KafkaProducer
 
         from workers.fetch import make_s3_client
@@ -232,9 +239,10 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
             outcomes = collect_outcomes(resolved, {p.name for p in files}, timeout_s=timeout_s)
         finally:
             pipeline.stop()
-        print_outcomes(outcomes, [p.name for p in files])
-        if pipeline.model_record.get("untrained"):
-            console.print(untrained_banner(pipeline.model_record["name"]))
+        model_record = pipeline.model_record
+    print_outcomes(outcomes, [p.name for p in files])
+    if model_record.get("untrained"):
+        console.print(untrained_banner(model_record["name"]))
     missing = {p.name for p in files} - set(outcomes)
     return 1 if missing else 0
 
