@@ -25,8 +25,13 @@ class LogFormatName(str, Enum):
     json = "json"
 
 
+# Commands whose log is their output; the others print tables and log only warnings by default.
+_LONG_RUNNING = {"run", "serve"}
+
+
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     log_format: Annotated[LogFormatName, typer.Option(
         "--log-format", envvar="CAPTIONER_LOG_FORMAT",
         help="json: one object per line, with request id and Kafka coordinates where known")] = LogFormatName.text,
@@ -35,7 +40,8 @@ def _global_options(
     """Options for every command; they go before it: `captioner --log-format json run`."""
     from workers.logs import configure_logging
 
-    configure_logging(log_format.value, verbose=verbose)  # type: ignore[arg-type]
+    configure_logging(log_format.value, verbose=verbose,  # type: ignore[arg-type]
+                      quiet=ctx.invoked_subcommand not in _LONG_RUNNING)
 
 
 def _settings(config: Path | None, **overrides):

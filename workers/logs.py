@@ -64,9 +64,12 @@ class _ThirdPartyAtWarning(logging.Filter):
         return not any(record.name == n or record.name.startswith(n + ".") for n in _QUIET_UNLESS_VERBOSE)
 
 
-def configure_logging(fmt: LogFormat = "text", *, verbose: bool = False, stream: Any = None) -> logging.Handler:
-    """One stderr handler on the root logger at INFO (our `workers.*` at DEBUG with verbose);
-    chatty third-party records below WARNING dropped unless verbose. A second call replaces it."""
+def configure_logging(
+    fmt: LogFormat = "text", *, verbose: bool = False, quiet: bool = False, stream: Any = None
+) -> logging.Handler:
+    """One stderr handler on the root logger. Our `workers.*` log at INFO (`quiet`: WARNING, for
+    commands whose output is a table; DEBUG with verbose); chatty third-party records below
+    WARNING are dropped unless verbose. A second call replaces the handler."""
     global _handler, _verbose
     root = logging.getLogger()
     if _handler is not None:
@@ -77,7 +80,8 @@ def configure_logging(fmt: LogFormat = "text", *, verbose: bool = False, stream:
     root.addHandler(_handler)
     root.setLevel(logging.INFO)
     _verbose = verbose
-    logging.getLogger("workers").setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.getLogger("workers").setLevel(ours)
     adopt_ray_loggers()
     return _handler
 

@@ -211,7 +211,7 @@ def _handle(letter: DeadLetter, options: ReplayOptions, producer: KafkaProducer 
         record = replay_of(letter)
     except NotReplayable as e:
         summary.unreplayable.append(Unreplayed(letter.coordinates, letter.request_id(), letter.code(), str(e)))
-        log.warning("not replayable: %s", e, extra=log_fields(
+        log.info("not replayable: %s", e, extra=log_fields(
             request_id=letter.request_id(), topic=letter.topic, partition=letter.partition, offset=letter.offset))
         return None
     if producer is None:
