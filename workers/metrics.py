@@ -38,6 +38,10 @@ INFERENCE_RETRIES = Counter("captioner_inference_retries_total", "Replica calls 
 CONSUMER_LAG = Gauge(
     "captioner_consumer_lag", "Records on an assigned partition not yet committed", ["topic", "partition"]
 )
+# Set on every turn of a source's poll loop: a loop that died or hangs stops moving it (alerted on).
+LAST_POLL = Gauge(
+    "captioner_source_last_poll_timestamp_seconds", "Unix time a source's poll() last returned", ["source"]
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
