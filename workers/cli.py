@@ -293,8 +293,8 @@ def replay(
             typer.secho(str(e), fg="red", err=True)
             raise typer.Exit(2) from None
     out = Console()
-    for table in summary_tables(summary):
-        out.print(table)
+    for part in summary_tables(summary):
+        out.print(part, markup=False, highlight=False)
     raise typer.Exit(0 if summary.ok else 1)
 
 

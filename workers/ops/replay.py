@@ -248,8 +248,9 @@ def _settle(pending: list[tuple[TopicPartition, int, DeadLetter, object]], produ
 _LISTED = 20  # not-replayable letters listed one by one; the rest are counted
 
 
-def summary_tables(summary: ReplaySummary) -> list[Table]:
-    """The summary (per code: replayed and not replayable) and the letters that were not sent."""
+def summary_tables(summary: ReplaySummary) -> list[Table | str]:
+    """The summary (per code: replayed and not replayable), where the group now stands, and the
+    letters that were not sent."""
     verb = "would replay" if summary.dry_run else "replayed"
     table = Table(title=f"replay {summary.dead_letter_topic} → {summary.input_topic}"
                         f"{' (dry run: nothing sent)' if summary.dry_run else ''}")
@@ -263,10 +264,9 @@ def summary_tables(summary: ReplaySummary) -> list[Table]:
         table.add_row(code, str(summary.replayed[code]), str(not_sent[code]), str(failed[code]))
     table.add_section()
     table.add_row("total", str(sum(summary.replayed.values())), str(len(summary.unreplayable)), str(len(summary.failed)))
-    table.caption = (f"{summary.read} dead letter(s) read, {summary.skipped} skipped by the filter; "
-                     + (f"group {summary.group} now at {summary.committed}" if summary.committed
-                        else f"group {summary.group} position unchanged"))
-    tables = [table]
+    position = (f"group {summary.group} now at {summary.committed} (partition: next offset)" if summary.committed
+                else f"group {summary.group}: position unchanged")
+    tables: list[Table | str] = [table, f"{summary.read} dead letter(s) read, {summary.skipped} skipped by the filter; {position}"]
     problems = summary.failed + summary.unreplayable
     if problems:
         detail = Table(title="not sent")
