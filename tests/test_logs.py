@@ -79,3 +79,17 @@ def test_demo_prints_its_table_and_no_ray_noise() -> None:
         assert noise not in everything, noise
     # The table is the last thing on stdout.
     assert out.stdout.rstrip().endswith("┘")
+
+
+def test_the_cli_option_and_its_environment_variable_select_json(restore_logging) -> None:
+    from pythonjsonlogger.json import JsonFormatter
+    from typer.testing import CliRunner
+
+    from workers import logs
+    from workers.cli import app
+
+    for args, env in ((["--log-format", "json"], {}), ([], {"CAPTIONER_LOG_FORMAT": "json"})):
+        result = CliRunner().invoke(app, [*args, "lag", "--help"], env=env)
+        assert result.exit_code == 0, result.output
+        assert isinstance(logs._handler.formatter, JsonFormatter)
+    assert CliRunner().invoke(app, ["--log-format", "yaml", "lag", "--help"]).exit_code == 2
