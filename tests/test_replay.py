@@ -145,3 +145,14 @@ def test_dead_letter_format_round_trips_binary_values() -> None:
     letter = DeadLetter("dlq", 0, 7, 0, None, [(REPLAY_HEADER, b"old/0/1")], json.dumps(body).encode())
     assert replay_of(letter).value == value
     assert replay_of(letter).headers == [(REPLAY_HEADER, b"dlq/0/7")]  # the older one replaced
+
+
+def test_limit_sends_that_many_and_the_next_run_goes_on_from_there(broker) -> None:
+    cfg = setup_topics(broker.bootstrap_servers)
+    group = unique_topic("replay")
+    first = replay(cfg, LIMITS, ReplayOptions(group=group, limit=1))
+    assert (sum(first.replayed.values()), first.committed) == (1, {0: 1})
+    rest = replay(cfg, LIMITS, ReplayOptions(group=group))
+    assert (rest.read, sum(rest.replayed.values()), len(rest.unreplayable)) == (3, 2, 1)
+    out = input_records_then_sentinel(broker.bootstrap_servers, cfg.input_topic)
+    assert [r.value for r in out] == [v for v, *_ in ORIGINALS]

@@ -17,7 +17,8 @@ them again. Handled means replayed, reported as not replayable, or skipped by th
 filtered run moves the group past the letters it skipped (re-scan them with --from-offset or
 --since, or use another --group per filter). A run with an explicit start (`--from-offset`,
 `--since`) is a deliberate re-scan and leaves the group's position alone; so does `--dry-run`.
-Commits follow acknowledgements: nothing after an unacknowledged send is committed.
+It commits after each poll's sends are acknowledged, never past an unacknowledged one, so a run
+stopped midway resends at most one poll's worth.
 
 The consumer is assigned its partitions rather than joining the group (no rebalance wait, no
 effect on anyone else). Importing this module loads neither torch nor Ray.
@@ -149,6 +150,7 @@ def replay(
         # of workers/ops/lag.py), so they bound nothing here; "caught up" needs an empty poll too.
         total = sum(max(0, end[tp] - starts[tp]) for tp in parts)
         next_offset: dict[TopicPartition, int] = {}
+        remember = not options.dry_run and not options.explicit_start
         sent_or_would = 0
         last_record = clock()
         if progress:
@@ -176,6 +178,8 @@ def replay(
             if pending:
                 last_record = clock()
                 _settle(pending, producer, summary, next_offset)
+                if remember:
+                    _remember(consumer, next_offset, summary)
                 if progress:
                     progress(summary.read, total)
                 if summary.failed:
@@ -188,14 +192,23 @@ def replay(
                     log.warning("no dead letters for %.0f s before the end offsets %s; stopping",
                                 options.idle_timeout_s, {tp.partition: end[tp] for tp in active})
                     break
-        if not options.dry_run and not options.explicit_start and next_offset:
-            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in next_offset.items()})
-            summary.committed = {tp.partition: o for tp, o in next_offset.items()}
     finally:
         if producer is not None:
             producer.close(timeout=10)
         consumer.close(autocommit=False)
     return summary
+
+
+def _remember(consumer: KafkaConsumer, next_offset: dict[TopicPartition, int], summary: ReplaySummary) -> None:
+    """Commit past what was handled, after every acknowledged poll's worth: a run killed midway
+    resends at most that poll's letters."""
+    try:
+        consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in next_offset.items()})
+    except KafkaError as e:
+        # The sends stand; the next run starts from the previous commit and sends them again.
+        log.warning("could not remember the replay position (%s); a later run may resend", type(e).__name__)
+        return
+    summary.committed = {tp.partition: o for tp, o in next_offset.items()}
 
 
 _DRY = object()  # a dry run's stand-in for a send future
@@ -216,7 +229,10 @@ def _handle(letter: DeadLetter, options: ReplayOptions, producer: KafkaProducer 
         return None
     if producer is None:
         return _DRY
-    return producer.send(topic, value=record.value, key=record.key, headers=record.headers)
+    try:
+        return producer.send(topic, value=record.value, key=record.key, headers=record.headers)
+    except KafkaError as e:  # refused before sending (too large, producer closed): settled as failed
+        return e
 
 
 def _settle(pending: list[tuple[TopicPartition, int, DeadLetter, object]], producer: KafkaProducer | None,
@@ -230,6 +246,8 @@ def _settle(pending: list[tuple[TopicPartition, int, DeadLetter, object]], produ
             continue
         if future is not None and future is not _DRY:
             try:
+                if isinstance(future, KafkaError):
+                    raise future
                 metadata = future.get(timeout=0)  # type: ignore[attr-defined]
                 if metadata.offset is None or metadata.offset < 0:
                     raise RuntimeError(f"acknowledged without an offset ({metadata.offset})")
