@@ -113,4 +113,4 @@ def test_lag_rows_never_negative_and_rate_from_two_readings() -> None:
     first = {tp: OffsetSnapshot(committed=10, beginning=0, end=12)}
     second = {tp: OffsetSnapshot(committed=15, beginning=0, end=13)}
     (row,) = lag_rows(first, second, elapsed_s=2.0)
-    assert (row.lag, row.rate) == (0, -1.0)
+    assert (row.lag, row.rate, row.end_below_committed) == (0, -1.0, True)

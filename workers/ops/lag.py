@@ -54,6 +54,9 @@ class PartitionLag:
     lag: int
     # Change of lag per second between the two readings: > 0 the group falls behind.
     rate: float | None
+    # The broker's end offset below what the group committed: impossible on Kafka, seen on Tansu
+    # behind a batching producer. The lag shown (0) is then a floor, not a measurement.
+    end_below_committed: bool = False
 
 
 def lag_rows(
@@ -69,7 +72,8 @@ def lag_rows(
         rate = None
         if second is not None and tp in first and elapsed_s > 0:
             rate = (snap.lag - first[tp].lag) / elapsed_s
-        rows.append(PartitionLag(tp.topic, tp.partition, snap.committed, snap.end, snap.lag, rate))
+        wrong_end = snap.committed is not None and snap.end < snap.committed
+        rows.append(PartitionLag(tp.topic, tp.partition, snap.committed, snap.end, snap.lag, rate, wrong_end))
     return rows
 
 
@@ -117,7 +121,9 @@ def lag_table(group: str, rows: list[PartitionLag]) -> Table:
     for r in rows:
         rate = "" if r.rate is None else f"{r.rate:+.1f}"
         table.add_row(r.topic, str(r.partition), "-" if r.committed is None else str(r.committed),
-                      str(r.end), str(r.lag), rate)
+                      f"{r.end}{' !' if r.end_below_committed else ''}", str(r.lag), rate)
+    if any(r.end_below_committed for r in rows):
+        table.caption = "! end < committed: the broker's end offset is wrong (Tansu, batching producer)"
     if rows:
         total_rate = None if any(r.rate is None for r in rows) else sum(r.rate or 0.0 for r in rows)
         table.add_section()
