@@ -21,6 +21,15 @@ from workers.ops.lag import OffsetSnapshot, group_lag, lag_rows, observe_assignm
 pytestmark = pytest.mark.kafka
 
 
+@pytest.fixture(autouse=True)
+def _no_cli_logging_left_behind():
+    """The CLI installs a root log handler; later tests should not inherit it."""
+    from workers.logs import unconfigure_logging
+
+    yield
+    unconfigure_logging()
+
+
 def produce_one_by_one(bootstrap: str, topic: str, partition: int, count: int) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     try:

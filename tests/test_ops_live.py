@@ -39,6 +39,15 @@ from workers.pipeline import Pipeline
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray, pytest.mark.slow]
 
+
+@pytest.fixture(autouse=True)
+def _no_cli_logging_left_behind():
+    """The CLI installs a root log handler; later tests should not inherit it."""
+    from workers.logs import unconfigure_logging
+
+    yield
+    unconfigure_logging()
+
 PROMETHEUS = shutil.which("prometheus")
 LATE_BUCKET = "late"  # not allow-listed at first: its requests are dead-lettered (forbidden_reference)
 

@@ -20,6 +20,15 @@ from workers.ops.replay import ReplayOptions, replay
 
 pytestmark = pytest.mark.kafka
 
+
+@pytest.fixture(autouse=True)
+def _no_cli_logging_left_behind():
+    """The CLI installs a root log handler; later tests should not inherit it."""
+    from workers.logs import unconfigure_logging
+
+    yield
+    unconfigure_logging()
+
 LIMITS = LimitsConfig()
 
 

@@ -31,7 +31,6 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FIELDS = ("request_id", "topic", "partition", "offset")
 
 _handler: logging.Handler | None = None
-_verbose = False
 
 
 def log_fields(
@@ -54,36 +53,50 @@ def make_formatter(fmt: LogFormat) -> logging.Formatter:
     return logging.Formatter(_TEXT_FORMAT)
 
 
-class _ThirdPartyAtWarning(logging.Filter):
-    """Drops INFO/DEBUG records of chatty third-party loggers unless --verbose. A filter on our
-    handler rather than logger levels: `ray.init` resets the `ray` logger's level to INFO."""
+class _Levels(logging.Filter):
+    """What our handler shows. A filter on the handler rather than logger levels, so nothing
+    global changes (`ray.init` resets the `ray` logger's level anyway): chatty third-party
+    records only at WARNING and above unless verbose (INFO then); ours at INFO (WARNING when
+    `quiet`, DEBUG when verbose)."""
+
+    def __init__(self, *, verbose: bool, quiet: bool):
+        super().__init__()
+        self.third_party = logging.INFO if verbose else logging.WARNING
+        self.ours = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _verbose or record.levelno >= logging.WARNING:
-            return True
-        return not any(record.name == n or record.name.startswith(n + ".") for n in _QUIET_UNLESS_VERBOSE)
+        if any(record.name == n or record.name.startswith(n + ".") for n in _QUIET_UNLESS_VERBOSE):
+            return record.levelno >= self.third_party
+        return record.levelno >= self.ours
 
 
 def configure_logging(
     fmt: LogFormat = "text", *, verbose: bool = False, quiet: bool = False, stream: Any = None
 ) -> logging.Handler:
-    """One stderr handler on the root logger. Our `workers.*` log at INFO (`quiet`: WARNING, for
-    commands whose output is a table; DEBUG with verbose); chatty third-party records below
-    WARNING are dropped unless verbose. A second call replaces the handler."""
-    global _handler, _verbose
-    root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
+    """One stderr handler on the root logger (see _Levels for what it shows; `quiet` is for
+    commands whose output is a table). A second call replaces it; `unconfigure_logging` removes it."""
+    global _handler
+    unconfigure_logging()
     _handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     _handler.setFormatter(make_formatter(fmt))
-    _handler.addFilter(_ThirdPartyAtWarning())
+    _handler.addFilter(_Levels(verbose=verbose, quiet=quiet))
+    root = logging.getLogger()
     root.addHandler(_handler)
+    # Records below the root's level are never made; the handler's filter does the choosing.
+    # Only ours go down to DEBUG (the clients' DEBUG records are costly to make).
     root.setLevel(logging.INFO)
-    _verbose = verbose
-    ours = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.getLogger("workers").setLevel(ours)
+    if verbose:
+        logging.getLogger("workers").setLevel(logging.DEBUG)
     adopt_ray_loggers()
     return _handler
+
+
+def unconfigure_logging() -> None:
+    """Remove our handler (for tests and embedding callers)."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
 
 
 def adopt_ray_loggers() -> None:
