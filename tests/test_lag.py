@@ -16,7 +16,13 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from workers.kafkaclient import ensure_topics
-from workers.ops.lag import OffsetSnapshot, group_lag, lag_rows, observe_assignment_lag
+from workers.ops.lag import (
+    OffsetSnapshot,
+    forget_assignment_lag,
+    group_lag,
+    lag_rows,
+    observe_assignment_lag,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -115,6 +121,8 @@ def test_the_gauge_agrees_with_the_command(broker, known_group) -> None:
     # command from the earliest offset: they agree once the source has committed what it read.
     assert observed == {p0: 2, p1: 0}
     assert REGISTRY.get_sample_value("captioner_consumer_lag", {"topic": topic, "partition": "0"}) == 2
+    forget_assignment_lag([p0])  # revoked: the new owner reports it
+    assert REGISTRY.get_sample_value("captioner_consumer_lag", {"topic": topic, "partition": "0"}) is None
 
 
 def test_lag_rows_never_negative_and_rate_from_two_readings() -> None:
