@@ -217,7 +217,8 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
     files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     console.print(f"[bold]demo[/]: {len(files)} sample images, model {source}, embedded Kafka + S3 + Ray")
     # Ray's own lines (and its shutdown noise) become --verbose logs; the table comes after.
-    local_ray_environment()  # the demo's Ray is always local; ray_output_as_logs imports it
+    if settings.ray.address is None:
+        local_ray_environment()  # before ray_output_as_logs imports ray
     with ray_output_as_logs(), running_system(settings) as (resolved, replicas):
         from kafka import KafkaProducer
 
