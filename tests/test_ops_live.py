@@ -1,6 +1,7 @@
 """The operators' tools against a live worker (real broker, S3, Ray Serve replicas):
 
-- a real Prometheus scrapes the worker's /metrics and answers every dashboard query;
+- a real Prometheus scrapes the worker's /metrics and Ray's own exporter, holds every Ray Serve
+  name the dashboard and alerts use, and answers every dashboard query;
 - dead letters from a real run are replayed after their cause is fixed, and the worker captions
   them; a second replay sends nothing; a truncated echo is reported, never sent.
 """
@@ -19,7 +20,7 @@ import requests
 import yaml
 from kafka_helpers import produce
 from prometheus_client import REGISTRY
-from test_monitoring import GRAFANA_VARIABLES, dashboard_queries
+from test_monitoring import GRAFANA_VARIABLES, dashboard_queries, external_names
 from typer.testing import CliRunner
 from worker_fixtures import (
     collect_outcomes,
@@ -62,12 +63,13 @@ def replicas(ray_serve: None) -> Any:
 
 
 class Prometheus:
-    """A real Prometheus server scraping one target every second, loopback only."""
+    """A real Prometheus server scraping its targets (job -> port) every second, loopback only."""
 
-    def __init__(self, target_port: int, workdir: Path):
+    def __init__(self, targets: dict[str, int], workdir: Path):
         self.port = free_port()
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": "captioner", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}]}
+                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                                     for job, port in targets.items()]}
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self._log = (workdir / "prometheus.log").open("w")
         self._proc = subprocess.Popen(
@@ -97,12 +99,16 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus(tmp_path) -> Iterator[Prometheus]:
+def prometheus(tmp_path, replicas) -> Iterator[Prometheus]:
     if PROMETHEUS is None:
         pytest.skip("the prometheus server is not on PATH: `apt-get install prometheus` (Debian); CI installs it")
+    import ray
+
     port = metrics.serve_metrics(free_port())
     assert port is not None
-    server = Prometheus(port, tmp_path)
+    # Ray's own exporter on the (one, local) node: Ray and Serve metrics, as the ray-metrics port in k8s.
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    server = Prometheus({"captioner": port, "ray": node["MetricsExportPort"]}, tmp_path)
     yield server
     server.stop()
 
@@ -147,6 +153,15 @@ def test_dashboard_on_real_prometheus_and_replay_of_real_dead_letters(broker, s3
     names = set(requests.get(f"http://127.0.0.1:{prometheus.port}/api/v1/label/__name__/values", timeout=10).json()["data"])
     assert {"captioner_consumed_total", "captioner_results_total", "captioner_dead_letters_total",
             "captioner_in_flight", "captioner_stage_seconds_bucket", "captioner_batch_size_bucket"} <= names
+    # Ray's exporter serves the Serve names the dashboard and alerts use (all but the error
+    # counter, which has no series until a replica raises, and GPU figures: no GPU here).
+    serve_names = external_names()["ray_serve"] - {"ray_serve_deployment_error_counter_total"}
+
+    def ray_scraped() -> bool:
+        names = set(requests.get(f"http://127.0.0.1:{prometheus.port}/api/v1/label/__name__/values", timeout=10).json()["data"])
+        return serve_names <= names
+
+    wait_until(ray_scraped, timeout_s=60, interval_s=1, what=f"Ray's exporter to serve {sorted(serve_names)}")
     for _, expr in dashboard_queries():  # every query runs on the real engine
         for var, value in GRAFANA_VARIABLES.items():
             expr = expr.replace(var, value)
