@@ -29,7 +29,7 @@ CRDS = Path(__file__).parent / "data" / "crds"
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 K8S_VERSION = "1.32.0"  # a version kubernetes-validate ships; the oldest we support
 SECRETS = {"captioner-kafka", "captioner-s3"}  # created by the operator (docs/deployment.md)
-CUSTOM = {"RayService", "ScaledObject", "TriggerAuthentication", "PodMonitor"}
+CUSTOM = {"RayService", "ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule"}
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(

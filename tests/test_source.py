@@ -35,7 +35,7 @@ class FakeConsumer:
     def __init__(self, logs: dict[TopicPartition, int], **kwargs: Any):
         self.kwargs = kwargs
         self.logs = {tp: [Record(tp.topic, tp.partition, o) for o in range(n)] for tp, n in logs.items()}
-        self.position = {tp: 0 for tp in logs}
+        self._position = {tp: 0 for tp in logs}
         self._paused: set[TopicPartition] = set()
         self._assigned: set[TopicPartition] = set()
         self.listener: Any = None
@@ -63,10 +63,10 @@ class FakeConsumer:
             out: dict[TopicPartition, list[Record]] = {}
             budget = max_records
             for tp in sorted(self._assigned - self._paused):
-                records = self.logs[tp][self.position[tp] : self.position[tp] + budget]
+                records = self.logs[tp][self._position[tp] : self._position[tp] + budget]
                 if records:
                     out[tp] = records
-                    self.position[tp] += len(records)
+                    self._position[tp] += len(records)
                     budget -= len(records)
         if not out:
             time.sleep(timeout_ms / 1000 / 10)  # a fake broker's idle wait, not test synchronisation
@@ -74,7 +74,7 @@ class FakeConsumer:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
-        self.position[tp] = offset
+        self._position[tp] = offset
 
     def pause(self, *tps: TopicPartition) -> None:
         self._paused |= set(tps)
@@ -87,6 +87,12 @@ class FakeConsumer:
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
+
+    def position(self, tp: TopicPartition) -> int:
+        return self._position[tp]
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return len(self.logs[tp])
 
     def commit(self, offsets: dict[TopicPartition, Any]) -> None:
         self.commits.append({tp: om.offset for tp, om in offsets.items()})
@@ -165,6 +171,10 @@ def test_every_record_becomes_one_ticket_and_settled_ones_are_committed(two_part
     h.settle({(0, 2), (0, 4)})
     wait_for(lambda: h.consumer.committed_offset(TP0) == 5)
     assert h.window.count == 0
+    from workers import metrics
+
+    lag = metrics.CONSUMER_LAG.labels("images", "0")
+    wait_for(lambda: lag._value.get() == 0)  # every record committed: the gauge KEDA's view agrees with
 
 
 def test_full_window_rewinds_pauses_and_resumes_below_the_low_mark() -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +18,30 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
+
+
+class LogFormatName(str, Enum):
+    text = "text"
+    json = "json"
+
+
+# Commands whose log is their output; the others print tables and log only warnings by default.
+_LONG_RUNNING = {"run", "serve"}
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    log_format: Annotated[LogFormatName, typer.Option(
+        "--log-format", envvar="CAPTIONER_LOG_FORMAT",
+        help="json: one object per line, with request id and Kafka coordinates where known")] = LogFormatName.text,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also Ray's, Serve's and the clients' own log lines")] = False,
+) -> None:
+    """Options for every command; they go before it: `captioner --log-format json run`."""
+    from workers.logs import configure_logging
+
+    configure_logging(log_format.value, verbose=verbose,  # type: ignore[arg-type]
+                      quiet=ctx.invoked_subcommand not in _LONG_RUNNING)
 
 
 def _settings(config: Path | None, **overrides):
@@ -178,6 +204,97 @@ def chaos(
     if report is not None:
         chaos_mod.write_report(result, report)
     raise typer.Exit(0 if result.ok else 1)
+
+
+def _broker_settings(config: Path | None):
+    settings = _settings(config)
+    if settings.kafka.embedded:
+        typer.secho("this command reads a running broker: set kafka.bootstrap_servers (config or "
+                    "CAPTIONER_KAFKA__BOOTSTRAP_SERVERS), not 'embedded'", fg="red", err=True)
+        raise typer.Exit(2)
+    return settings
+
+
+@app.command()
+def lag(
+    config: ConfigOpt = None,
+    group: Annotated[str | None, typer.Option(help="consumer group (default: kafka.group_id)")] = None,
+    topic: Annotated[list[str] | None, typer.Option(help="topic(s) (default: kafka.input_topic)")] = None,
+    sample: Annotated[float, typer.Option(min=0, help="seconds between the two readings the rate comes from; 0: one reading")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of the table")] = False,
+) -> None:
+    """Per partition: the group's committed offset, the end offset, the lag and its rate of change."""
+    from rich.console import Console
+
+    from workers.ops.lag import group_lag, lag_json, lag_table
+
+    settings = _broker_settings(config)
+    group = group or settings.kafka.group_id
+    try:
+        rows = group_lag(settings.kafka, group, topic or [settings.kafka.input_topic], sample_s=sample)
+    except LookupError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(lag_json(group, rows))
+    else:
+        Console().print(lag_table(group, rows))
+
+
+@app.command()
+def replay(
+    config: ConfigOpt = None,
+    code: Annotated[list[str] | None, typer.Option(help="only dead letters with this error code (repeatable)")] = None,
+    request_id: Annotated[list[str] | None, typer.Option("--id", help="only this request id (repeatable)")] = None,
+    key: Annotated[list[str] | None, typer.Option(help="only this Kafka key (repeatable)")] = None,
+    from_offset: Annotated[int | None, typer.Option(min=0, help="start at this offset (each partition); a re-scan")] = None,
+    to_offset: Annotated[int | None, typer.Option(min=0, help="stop after this offset (inclusive)")] = None,
+    since: Annotated[datetime | None, typer.Option(help="start at the first dead letter at/after this time; a re-scan")] = None,
+    until: Annotated[datetime | None, typer.Option(help="stop after this time (inclusive)")] = None,
+    partition: Annotated[list[int] | None, typer.Option(help="only this dead-letter partition (repeatable)")] = None,
+    group: Annotated[str | None, typer.Option(help="replay's own group, remembering where it got to (default: <kafka.group_id>.replay)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="send at most this many")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="read and report, send nothing, remember nothing")] = False,
+) -> None:
+    """Re-send dead letters' original requests (value, key, headers) to the input topic.
+
+    Exit code 0 when every selected dead letter was sent (or, dry, could be), 1 otherwise."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from workers.ops.deadletters import ReplayFilter
+    from workers.ops.replay import ReplayOptions, summary_tables
+    from workers.ops.replay import replay as run_replay
+
+    settings = _broker_settings(config)
+    if from_offset is not None and since is not None:
+        typer.secho("--from-offset and --since both say where to start: give one", fg="red", err=True)
+        raise typer.Exit(2)
+    options = ReplayOptions(
+        group=group or f"{settings.kafka.group_id}.replay",
+        filter=ReplayFilter.of(code or (), request_id or (), key or ()),
+        from_offset=from_offset, to_offset=to_offset, since=since, until=until,
+        partitions=frozenset(partition or ()), limit=limit, dry_run=dry_run,
+    )
+    columns = (TextColumn("dead letters"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("read", total=None)
+        try:
+            summary = run_replay(settings.kafka, settings.limits, options,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=max(total, done)))
+        except LookupError as e:
+            typer.secho(str(e), fg="red", err=True)
+            raise typer.Exit(2) from None
+    out = Console()
+    for part in summary_tables(summary):
+        out.print(part, markup=False, highlight=False)
+    raise typer.Exit(0 if summary.ok else 1)
 
 
 def main() -> None:  # pragma: no cover

@@ -50,6 +50,15 @@ FETCH_RETRIES = Counter("captioner_fetch_retries_total", "S3 fetch attempts retr
 OFFSET_RESETS = Counter(
     "captioner_offset_resets_total", "Partitions whose offsets moved backwards (reset, truncation)", ["topic"]
 )
+# Per assigned partition: the newest offset minus the group's committed offset, as KEDA's Kafka
+# scaler and `captioner lag` count it (workers/ops/lag.py). Partitions are bounded by the topic.
+CONSUMER_LAG = Gauge(
+    "captioner_consumer_lag", "Records on an assigned partition not yet committed", ["topic", "partition"]
+)
+# Set on every turn of a source's poll loop: a loop that died or hangs stops moving it (alerted on).
+LAST_POLL = Gauge(
+    "captioner_source_last_poll_timestamp_seconds", "Unix time a source's poll() last returned", ["source"]
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None

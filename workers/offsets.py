@@ -134,6 +134,11 @@ class OffsetTracker:
                 if p.next_offset is not None and p.next_offset != p.committed
             }
 
+    def committed_offsets(self) -> dict[TopicPartition, int | None]:
+        """The last offset committed per tracked partition (None where none was yet)."""
+        with self._lock:
+            return {tp: p.committed for tp, p in self._parts.items()}
+
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         with self._lock:
             for tp, offset in offsets.items():

@@ -46,6 +46,7 @@ from workers.contract import (
 )
 from workers.delivery import Delivery, InFlightWindow
 from workers.fetch import Fetcher
+from workers.logs import log_fields
 from workers.replica_api import InferenceError, ReplicaAnswer, ReplicaInfo
 from workers.replica_client import ReplicaCallFailed, ReplicaClient, backoff_s
 from workers.s3 import make_s3_client
@@ -64,6 +65,13 @@ class _Job:
     timings_ms: dict[str, float] = field(default_factory=dict)
     request: Request | None = None
     attempts: int = 1
+
+    @property
+    def log_extra(self) -> dict[str, Any]:
+        """What a JSON log line about this record carries: request id and Kafka coordinates."""
+        d = self.delivery
+        request_id = self.request.id if self.request else None
+        return log_fields(request_id=request_id, topic=d.topic, partition=d.partition, offset=d.offset)
 
 
 class Pipeline:
@@ -167,7 +175,7 @@ class Pipeline:
         try:
             self._pool.submit(fn, job, *args)
         except RuntimeError:
-            log.warning("work pool closed; %s will be redelivered", job.delivery.source)
+            log.warning("work pool closed; %s will be redelivered", job.delivery.source, extra=job.log_extra)
             job.delivery.abandon()
 
     def _prepare(self, job: _Job) -> None:
@@ -175,7 +183,7 @@ class Pipeline:
         try:
             self._prepare_stages(job)
         except Exception as e:  # a bug in our own code must still end as an outcome
-            log.exception("unexpected error at %s", job.delivery.source)
+            log.exception("unexpected error at %s", job.delivery.source, extra=job.log_extra)
             code = ErrorCode.INVALID_MESSAGE if job.request is None else ErrorCode.FETCH_FAILED
             self._finish(job, self._dead_letter(job, Rejected(code, describe(e))))
 
@@ -259,7 +267,7 @@ class Pipeline:
 
     def _dead_letter(self, job: _Job, error: Rejected) -> DeadLetter:
         d = job.delivery
-        log.info("dead letter %s at %s: %s", error.code, d.source, error.message)
+        log.info("dead letter %s at %s: %s", error.code, d.source, error.message, extra=job.log_extra)
         return dead_letter(
             error, value=d.value, key=d.key, headers=d.headers, source=d.source, request=job.request,
             attempts=job.attempts,
@@ -280,7 +288,7 @@ class Pipeline:
         metrics.COMPACT_DEAD_LETTERS.labels(reason).inc()
         code = outcome.code if isinstance(outcome, DeadLetter) else ErrorCode.INVALID_MESSAGE
         d = job.delivery
-        log.warning("compact dead letter for %s: %s", d.source, why)
+        log.warning("compact dead letter for %s: %s", d.source, why, extra=job.log_extra)
         compact = compact_dead_letter(code, why, value=d.value, key=d.key, source=d.source)
         if isinstance(outcome, DeadLetter) and outcome.key == compact.key and not outcome.headers:
             # Already as compact as it gets but for its echo: drop the echo and the key too.
@@ -310,13 +318,16 @@ class Pipeline:
         waited = time.monotonic() - sending.first_try
         if waited < self.settings.worker.produce_deadline_s:
             delay = sending.next_delay()
-            log.warning("outcome of %s not acknowledged (%s); re-sending in %.1f s", job.delivery.source, describe(error), delay)
+            log.warning(
+                "outcome of %s not acknowledged (%s); re-sending in %.1f s", job.delivery.source, describe(error), delay,
+                extra=job.log_extra,
+            )
             self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._submit, self._send, job, outcome, sending)
             return
         log.error(
             "broker did not acknowledge the outcome of %s for %.0f s (worker.produce_deadline_s): %s; stopping, "
             "exit code %d: nothing past it is committed, so the next start delivers it again",
-            job.delivery.source, waited, describe(error), EXIT_BROKER_UNAVAILABLE,
+            job.delivery.source, waited, describe(error), EXIT_BROKER_UNAVAILABLE, extra=job.log_extra,
         )
         self.exit_code = EXIT_BROKER_UNAVAILABLE
         self.failed.set()

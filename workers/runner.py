@@ -20,6 +20,7 @@ from rich.table import Table
 
 from workers import metrics
 from workers.config import DEFAULT_MODEL, TINY_RANDOM, RayConfig, Settings
+from workers.logs import adopt_ray_loggers
 from workers.signals import (
     Stopped,
     keep_stop_handlers,
@@ -37,12 +38,10 @@ SAMPLES = Path(__file__).parent / "samples"
 def start_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a local one bound to loopback."""
     if cfg.address is None:
-        # A laptop or CI box: loopback only, no token auth, no usage stats. Set before import.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        local_ray_environment()
     import ray
 
+    adopt_ray_loggers()  # Ray's own lines in our format (JSON too) and under --verbose
     if ray.is_initialized():
         return
     if cfg.address is not None:
@@ -81,10 +80,18 @@ def start_serve(settings: Settings, *, http: bool) -> None:
     """Serve on the local Ray: HTTP proxy on the head (settings.http) or none at all."""
     from ray import serve
 
+    adopt_ray_loggers()
     serve.start(
         proxy_location="HeadOnly" if http else "Disabled",
         http_options={"host": settings.http.host, "port": settings.http.port},
     )
+
+
+def local_ray_environment() -> None:
+    """A laptop or CI box: loopback only, no token auth, no usage stats. Set before `import ray`."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def deploy_replicas(settings: Settings, *, http: bool = False) -> Any:
@@ -203,9 +210,13 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
 
 def _demo(settings: Settings, files: list[Path], timeout_s: float) -> int:
     from workers.contract import encode
+    from workers.logs import ray_output_as_logs
     from workers.pipeline import Pipeline
 
-    with running_system(settings) as (resolved, replicas):
+    # Ray's own lines (and its shutdown noise) become --verbose logs; the table comes after.
+    if settings.ray.address is None:
+        local_ray_environment()  # before ray_output_as_logs imports ray
+    with ray_output_as_logs(), running_system(settings) as (resolved, replicas):
         from kafka import KafkaProducer
 
         from workers.kafkaclient import producer_kwargs
@@ -231,12 +242,13 @@ def _demo(settings: Settings, files: list[Path], timeout_s: float) -> int:
             )
         finally:
             pipeline.stop()
-        print_outcomes(outcomes, [p.name for p in files])
-        if pipeline.model_record.get("untrained"):
-            console.print(untrained_banner(pipeline.model_record["name"]))
+        model_record = pipeline.model_record
     if interrupted.is_set():
         console.print("[yellow]demo stopped by a signal; everything it started is stopped[/]")
         return 0
+    print_outcomes(outcomes, [p.name for p in files])
+    if model_record.get("untrained"):
+        console.print(untrained_banner(model_record["name"]))
     missing = {p.name for p in files} - set(outcomes)
     return 1 if missing else 0
 

@@ -31,6 +31,7 @@ from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
 from workers.delivery import Delivery, InFlightWindow, issue
 from workers.kafkaclient import consumer_kwargs, decode_header_keys_leniently
 from workers.offsets import OffsetTracker
+from workers.ops.lag import forget_assignment_lag, observe_assignment_lag
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class KafkaSource:
                 if time.monotonic() - last_commit >= self.kafka.commit_interval_s:
                     self._commit(consumer)
                     last_commit = time.monotonic()
+                # What the poll-loop alert and KEDA's view of lag read (no broker request).
+                metrics.LAST_POLL.labels(self.name).set_to_current_time()
+                observe_assignment_lag(consumer, self.tracker.committed_offsets())
             self._drain(consumer)
         finally:
             self._commit(consumer)
@@ -145,6 +149,7 @@ class KafkaSource:
             log.exception("%s: on_revoked failed; the new owner will redeliver", self.name)
         finally:
             self.tracker.forget(revoked)
+            forget_assignment_lag(revoked)
             self.assignment -= set(revoked)
 
     def _commit_revoked(self, consumer: KafkaConsumer, revoked: set[TopicPartition]) -> None:
