@@ -11,7 +11,7 @@ import json
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from kafka_helpers import kafka_config, unique_topic
+from helpers.kafka_helpers import kafka_config, unique_topic
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 

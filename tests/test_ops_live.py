@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from kafka_helpers import produce
+from helpers.kafka_helpers import produce
 from prometheus_client import REGISTRY
 from test_monitoring import GRAFANA_VARIABLES, dashboard_queries, external_names
 from typer.testing import CliRunner
-from worker_fixtures import (
+from helpers.worker_fixtures import (
     collect_outcomes,
     deploy_tiny_replicas,
     png_bytes,

@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from kafka_helpers import consume_until, kafka_config, produce, unique_topic
+from helpers.kafka_helpers import consume_until, kafka_config, produce, unique_topic
 from typer.testing import CliRunner
 
 from workers import contract
