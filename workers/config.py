@@ -162,6 +162,11 @@ class WorkerConfig(_Section):
     revoke_grace_s: float = Field(10.0, ge=0, description="rebalance: wait this long for revoked records")
     inference_attempts: int = Field(2, ge=1, description="tries per image when a replica call fails")
     produce_attempts: int = Field(3, ge=1, description="sends per outcome before the worker gives up")
+    memory_budget_bytes: int = Field(
+        1024 * MB, ge=16 * MB,
+        description="process-wide bytes of images being decoded at once (encoded, decoded and "
+        "transient copies, estimated from each header); sized for a 2 GiB pod",
+    )
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> WorkerConfig:

@@ -33,6 +33,12 @@ COMMITS = Counter("captioner_commits_total", "Offset commits sent", ["result"])
 REBALANCES = Counter("captioner_rebalances_total", "Partitions assigned or revoked", ["event"])
 PRODUCE_ERRORS = Counter("captioner_produce_errors_total", "Records the broker did not acknowledge")
 INFERENCE_RETRIES = Counter("captioner_inference_retries_total", "Replica calls retried")
+MEMORY_BUDGET_IN_USE = Gauge(
+    "captioner_memory_budget_bytes_in_use", "Bytes of images being decoded, held from the memory budget"
+)
+HTTP_REJECTED = Counter(
+    "captioner_http_rejected_total", "HTTP requests refused before any work", ["reason"]
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
