@@ -243,10 +243,40 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class HttpConfig(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="the address the HTTP proxy binds (Serve's http_options.host)")
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
+    auth: Literal["required", "disabled"] = Field(
+        "disabled", description="bearer tokens on /v1/*; 'disabled' only with a loopback host (local mode)"
+    )
+    # Secret: CAPTIONER_HTTP__AUTH_TOKENS='["…","…"]' in the environment, or a mounted file.
+    auth_tokens: list[SecretStr] = Field(default_factory=list)
+    auth_tokens_file: Path | None = Field(None, description="one token per line (a mounted Secret)")
+    allow_s3_references: bool = Field(False, description="JSON {\"image\": \"s3://…\"} bodies over HTTP")
+    max_concurrent_requests: int = Field(32, ge=1, description="per ingress replica; more get 429")
+    max_body_bytes_in_flight: int = Field(
+        128 * MB, ge=1, description="request bodies held at once per ingress replica; more get 429"
+    )
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens_are_strong(cls, v: list[SecretStr]) -> list[SecretStr]:
+        if any(len(t.get_secret_value()) < 16 for t in v):
+            raise ValueError("each token must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_off_only_locally(self) -> HttpConfig:
+        if self.auth == "disabled" and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"auth 'disabled' is only allowed when http.host is a loopback address, not {self.host!r}: "
+                "set http.auth: required and give tokens (CAPTIONER_HTTP__AUTH_TOKENS or http.auth_tokens_file)"
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -279,7 +309,7 @@ class Settings(BaseSettings):
     def portable(self) -> dict[str, Any]:
         """The settings as plain data for another process (Serve args, actor options), without
         secrets: the receiving process reads those from its own environment (`from_portable`)."""
-        return self.model_dump(mode="json", exclude={"kafka": {"sasl_password"}})
+        return self.model_dump(mode="json", exclude={"kafka": {"sasl_password"}, "http": {"auth_tokens"}})
 
     @classmethod
     def from_portable(cls, data: dict[str, Any]) -> Settings:
@@ -320,7 +350,7 @@ class ConfigError(ValueError):
         for e in errors:
             key = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
             value = e.get("input")
-            shown = "<secret>" if "password" in key or "secret" in key else repr(value)
+            shown = "<secret>" if any(w in key for w in ("password", "secret", "token")) else repr(value)
             if isinstance(value, dict):
                 shown = "{...}"
             lines.append(f"  {key} = {shown}: {e.get('msg')}")
@@ -343,6 +373,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if not isinstance(loaded, dict):
             raise ConfigError(source, [{"loc": (), "input": loaded, "msg": "top level must be a mapping"}])
         data = loaded
+        if isinstance(data.get("http"), dict) and "auth_tokens" in data["http"]:
+            raise ConfigError(source, [{"loc": ("http", "auth_tokens"), "input": None,
+                                        "msg": "secrets come only from the environment "
+                                               "(CAPTIONER_HTTP__AUTH_TOKENS) or http.auth_tokens_file"}])
     token = _yaml_data.set(data)
     try:
         return Settings(**overrides)

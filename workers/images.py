@@ -51,6 +51,14 @@ BACKGROUND = (255, 255, 255)
 # raises its error, `decode` maps both to IMAGE_TOO_LARGE as well.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# PIL allocates an image in blocks of up to this many bytes (default 16 MiB). glibc serves a
+# freed 16 MiB block's successors from its per-thread arenas (its mmap threshold rises to the
+# largest freed chunk, up to 32 MiB) and keeps that memory: 16 threads decoding 50 MP images
+# then held ~5 GB of RSS for 1 GB of live pixels. Blocks above 32 MiB are always mmapped and
+# returned to the system on free (docs/reliability.md, "Memory bounded by bytes").
+PIL_BLOCK_BYTES = 64 * 1024 * 1024
+Image.core.set_block_size(PIL_BLOCK_BYTES)
+
 
 class SizeSpec(Protocol):
     """Anything with the model's input size and resampling filter (e.g. PreprocessSpec)."""
@@ -274,7 +282,7 @@ def plan(image: Image.Image, encoded_bytes: int, target: tuple[int, int] | None)
     decoded = loaded * per_pixel
     cost = encoded_bytes + decoded + _OVERHEAD_BYTES
     if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
-        cost += width * height * bands * 2  # libjpeg holds every DCT coefficient (int16), at any scale
+        cost += width * height * 2 * _jpeg_sampled_components(image, bands)
     elif image.format not in _DIRECT:
         cost += decoded
     if orientation not in (None, 1):
@@ -332,6 +340,18 @@ def finish(
     # known after decoding); a reduced-scale decode reports the header's size.
     width, height = loaded.size if decode_plan.scale == 1 else (decode_plan.width, decode_plan.height)
     return Prepared(pixels=pixels, width=width, height=height)
+
+
+def _jpeg_sampled_components(image: Image.Image, bands: int) -> float:
+    """Components per pixel after chroma subsampling (1.5 for 4:2:0 YCbCr): a progressive JPEG
+    holds every DCT coefficient (int16) of the whole image while decoding, at any output scale."""
+    layers = getattr(image, "layer", None) or []
+    try:
+        h_max = max(h for _, h, _, _ in layers)
+        v_max = max(v for _, _, v, _ in layers)
+        return sum(h * v for _, h, v, _ in layers) / (h_max * v_max)
+    except (ValueError, TypeError):  # no or odd layer table: count every band at full size
+        return float(bands)
 
 
 def _orientation(image: Image.Image) -> int | None:
