@@ -7,7 +7,8 @@ CaptionIngress applies them (README, "HTTP API").
   by `hmac.compare_digest`, with no early exit, and is never logged.
 - Admission is per ingress replica and does not queue: over `http.max_concurrent_requests`
   requests or `http.max_body_bytes_in_flight` body bytes, a request is refused at once (429,
-  Retry-After) so that waiting uploads cannot pile up in memory.
+  Retry-After) so that waiting uploads cannot pile up in memory. A single body larger than the
+  whole byte budget (up to `limits.max_http_body_bytes`) is admitted when it is the only one.
 """
 
 from __future__ import annotations
@@ -126,11 +127,14 @@ class BodyAllowance:
         self.held = 0
 
     def grow_to(self, nbytes: int) -> None:
+        """Hold `nbytes` in all. A body bigger than the whole budget is let in only while no
+        other body is held (it has the budget to itself), so it is never refused forever."""
         extra = nbytes - self.held
         if extra <= 0:
             return
         admission = self.admission
-        if admission.body_bytes + extra > admission.max_body_bytes:
+        others = admission.body_bytes - self.held
+        if admission.body_bytes + extra > admission.max_body_bytes and others > 0:
             raise Overloaded(
                 f"request bodies in flight would exceed http.max_body_bytes_in_flight ({admission.max_body_bytes})"
             )

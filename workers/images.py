@@ -16,7 +16,13 @@ Policy, decided here once:
   as 8-bit; floating-point "F" is min-max stretched (it has no standard range).
 - CMYK uses PIL's conversion (no ICC profile handling). Animated GIF/WebP/APNG: the first frame.
 - Resizing is PIL's `resize` with the spec's filter and no reducing gap, which is exactly what
-  ViTImageProcessor does, so the uint8 result is identical to the processor's resize.
+  ViTImageProcessor does, so the uint8 result is identical to the processor's resize; greyscale
+  sources are resized as "L" and repeated into three channels (the same values).
+- Memory: `open_header` reads only the header; `plan` estimates the decode's peak bytes from it
+  (the caller holds them from a `MemoryBudget` while `finish` decodes and resizes). A JPEG of at
+  least DRAFT_FACTOR × the model input on each side and DRAFT_MIN_PIXELS is decoded at 1/2, 1/4
+  or 1/8 scale by DCT scaling: close to, not bit-identical with, a full decode and resize
+  (docs/reliability.md). No path makes a float64 (or other wide) copy of the whole image.
 """
 
 from __future__ import annotations
