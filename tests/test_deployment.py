@@ -174,6 +174,8 @@ def test_upload_multipart_and_s3_reference_are_captioned(deployed, s3_server):
         ("missing object", 404, "object_not_found"),
         ("non-image", 422, "invalid_image"),
         ("too many pixels", 413, "image_too_large"),
+        ("lone surrogate id", 400, "invalid_message"),  # was a 500: the answer could not be encoded
+        ("infinite temperature", 400, "invalid_message"),  # passes `gt=0`; JSON cannot carry it
     ],
 )
 def test_bad_input_gets_the_right_4xx_and_code(deployed, kind, status, code):
@@ -192,6 +194,12 @@ def test_bad_input_gets_the_right_4xx_and_code(deployed, kind, status, code):
                                            timeout=30),
         "too many pixels": lambda: deployed.http.post(url, data=flat_png((1500, 1000)),
                                                  headers={"content-type": "image/png"}, timeout=30),
+        "lone surrogate id": lambda: deployed.http.post(
+            url, data=f'{{"id": "\\ud800", "image": "s3://{BUCKET}/http/ref.png"}}'.encode(),
+            headers={"content-type": "application/json"}, timeout=30),
+        "infinite temperature": lambda: deployed.http.post(
+            url, data=png_bytes(506), params={"params": '{"temperature": Infinity, "do_sample": true}'},
+            headers={"content-type": "image/png"}, timeout=30),
     }[kind]
     response = post()
     assert response.status_code == status, response.text
