@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from deployment.http_guard import Admission, Overloaded, SafeJSONResponse, bearer_ok, load_tokens
+from deployment.http_guard import (
+    Admission,
+    Overloaded,
+    SafeJSONResponse,
+    bearer_ok,
+    load_tokens,
+)
 from workers.config import ConfigError, HttpConfig, Settings, load_settings
 
 TOKEN = "a-token-of-enough-length"
@@ -36,6 +42,12 @@ def test_tokens_from_environment_and_file_never_from_yaml(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="only from the environment") as err:
         load_settings(config)
     assert TOKEN not in str(err.value)
+
+
+def test_environment_tokens_as_json_list_or_comma_separated(monkeypatch) -> None:
+    for value in (f'["{TOKEN}", "second-token-0123456789"]', f"{TOKEN}, second-token-0123456789"):
+        monkeypatch.setenv("CAPTIONER_HTTP__AUTH_TOKENS", value)
+        assert load_tokens(load_settings()) == [TOKEN.encode(), b"second-token-0123456789"]
 
 
 def test_short_tokens_are_refused_without_echoing_them(monkeypatch, tmp_path) -> None:

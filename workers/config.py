@@ -7,10 +7,11 @@ what is wrong (`ConfigError`), never later in the hot path.
 
 from __future__ import annotations
 
+import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -253,14 +255,25 @@ class HttpConfig(_Section):
     auth: Literal["required", "disabled"] = Field(
         "disabled", description="bearer tokens on /v1/*; 'disabled' only with a loopback host (local mode)"
     )
-    # Secret: CAPTIONER_HTTP__AUTH_TOKENS='["…","…"]' in the environment, or a mounted file.
-    auth_tokens: list[SecretStr] = Field(default_factory=list)
+    # Secret: CAPTIONER_HTTP__AUTH_TOKENS (a JSON list or comma-separated) in the environment only.
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     auth_tokens_file: Path | None = Field(None, description="one token per line (a mounted Secret)")
     allow_s3_references: bool = Field(False, description="JSON {\"image\": \"s3://…\"} bodies over HTTP")
     max_concurrent_requests: int = Field(32, ge=1, description="per ingress replica; more get 429")
     max_body_bytes_in_flight: int = Field(
         128 * MB, ge=1, description="request bodies held at once per ingress replica; more get 429"
     )
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _token_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the environment: '["a","b"]' or 'a,b'
+            try:
+                v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+            except ValueError:
+                raise ValueError("must be a JSON list of strings or comma-separated") from None
+            return [t.strip() for t in v if isinstance(t, str) and t.strip()] if isinstance(v, list) else v
+        return v
 
     @field_validator("auth_tokens")
     @classmethod
