@@ -11,6 +11,18 @@ Kafka ──────►└─────────────── Kafk
 
 Settings travel to the deployments as plain data without secrets (`Settings.portable()`); each
 process reads secrets from its own environment (Kubernetes Secrets become env variables).
+
+The HTTP ingress is safe to expose (README, "HTTP API"):
+- `POST /v1/captions` needs `Authorization: Bearer <token>` when `http.auth: required` (tokens
+  from CAPTIONER_HTTP__AUTH_TOKENS or `http.auth_tokens_file`, compared in constant time);
+  `auth: disabled` validates only with a loopback `http.host`. `/healthz`, `/readyz`, `/docs` and
+  `/openapi.json` are open. A refused token is 401 `unauthorized`, before the body is read.
+- At most `http.max_concurrent_requests` captions at once and `http.max_body_bytes_in_flight`
+  bytes of bodies per replica; beyond either, 429 `overloaded` with Retry-After, at once.
+- JSON `{"image": "s3://…"}` only with `http.allow_s3_references` (else 403 forbidden_reference).
+- Never a bare 500: every answer is JSON `{"error": {"code", "message"}}` with a dead-letter code
+  (or the HTTP-only `unauthorized` / `overloaded`); anything unexpected is logged and answered
+  with the code of the stage it happened in; responses are encoded so that no value can fail.
 """
 
 
@@ -27,6 +39,17 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployment.http_guard import (
+    RETRY_AFTER_S,
+    Admission,
+    Overloaded,
+    SafeJSONResponse,
+    bearer_ok,
+    ensure_encodable,
+    error_response,
+    load_tokens,
+    read_capped,
+)
 from workers import metrics
 from workers.config import ConfigError, Settings, load_settings
 from workers.contract import (
@@ -61,6 +84,15 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 }
 
 
+# The stage a request is in when something unexpected happens: its code, as the pipeline has it.
+UNEXPECTED_CODE = {
+    "parse": ErrorCode.INVALID_MESSAGE,
+    "fetch": ErrorCode.FETCH_FAILED,
+    "decode": ErrorCode.INVALID_IMAGE,
+    "inference": ErrorCode.INFERENCE_FAILED,
+}
+
+
 def settings_from_args(args: dict[str, Any]) -> Settings:
     """Serve `args` → Settings: `config_path` (a YAML file) and/or `settings` (nested overrides)."""
     unknown = set(args) - {"config_path", "settings"}
@@ -86,7 +118,15 @@ def application(settings: Settings) -> serve.Application:
     portable = settings.portable()
     replicas = replica_app(settings.model, settings.s3, settings.replicas)
     ingest = KafkaIngest.bind(portable, replicas)
-    return CaptionIngress.bind(portable, replicas, ingest)
+    return ingress_deployment(settings).bind(portable, replicas, ingest)
+
+
+def ingress_deployment(settings: Settings) -> Any:
+    """CaptionIngress with Serve's own limits set from ours: twice `http.max_concurrent_requests`
+    may reach a replica (so that the excess gets our 429 at once rather than waiting in the
+    proxy), and as many again may wait in the proxy before it answers 503."""
+    limit = settings.http.max_concurrent_requests
+    return CaptionIngress.options(max_ongoing_requests=2 * limit, max_queued_requests=2 * limit)
 
 
 # -- Kafka ingest ------------------------------------------------------------------------------
@@ -141,20 +181,6 @@ class KafkaIngest:
 # (Helpers first: the ingress class is shipped to its replicas by value, with the globals it
 # finds defined at that point.)
 
-async def _read_capped(request: Request, limit: int) -> bytes:
-    """The body, refusing more than `limit` bytes before reading them where the size is declared."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Rejected(ErrorCode.OBJECT_TOO_LARGE, f"body of {declared} bytes exceeds limits.max_http_body_bytes ({limit})")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked uploads declare nothing: count as we go
-            raise Rejected(ErrorCode.OBJECT_TOO_LARGE, f"body exceeds limits.max_http_body_bytes ({limit})")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _upload(request: Request, body: bytes, content_type: str) -> tuple[bytes, dict[str, str]]:
     """A raw image body (fields from the query string) or a multipart form with field `image`."""
     fields = dict(request.query_params)
@@ -198,6 +224,12 @@ def _upload_request(data: bytes, fields: dict[str, str], settings: Settings) -> 
 
 
 
+class _Progress:
+    """Which stage an HTTP request has reached, for the code of an unexpected error."""
+
+    stage: str = "parse"
+
+
 api = FastAPI(
     title="captioner",
     version="0.1.0",
@@ -214,8 +246,15 @@ class CaptionIngress:
         from workers.s3 import make_s3_client
 
         self.settings = Settings.from_portable(settings)
+        http = self.settings.http
         self.replicas = replicas
         self.ingest = ingest
+        self.tokens = load_tokens(self.settings)
+        if http.auth == "required" and not self.tokens:
+            raise ConfigError("http auth", [{"loc": ("http", "auth_tokens"), "input": None,
+                                             "msg": "http.auth is 'required' but no token is configured: set "
+                                                    "CAPTIONER_HTTP__AUTH_TOKENS or http.auth_tokens_file"}])
+        self.admission = Admission(http.max_concurrent_requests, http.max_body_bytes_in_flight)
         self.fetcher = Fetcher(make_s3_client(self.settings.s3), self.settings.s3, self.settings.limits)
         self._model_info: ReplicaInfo | None = None
         self.stages = Stages(self.settings, self.fetcher)  # sized once a replica's model is known
@@ -229,38 +268,60 @@ class CaptionIngress:
         """Ready once a replica has its model loaded."""
         try:
             ready = await asyncio.wait_for(self.replicas.ready.remote(), timeout=5)
+            info = await self._info() if ready else None
         except Exception as e:  # no replica yet, or one that is still starting
-            ready = False
+            ready, info = False, None
             log.debug("readiness probe: %s", type(e).__name__)
-        if not ready:
+        if not ready or info is None:
             return JSONResponse({"ready": False}, status_code=503)
-        info = await self._info()
-        return JSONResponse({"ready": True, "model": info.model})
+        return SafeJSONResponse({"ready": True, "model": info.model})
 
     @api.post("/v1/captions")
     async def caption(self, request: Request) -> JSONResponse:
+        """Auth, then admission, then the stages; every way out is JSON with a code."""
+        if self.settings.http.auth == "required" and not bearer_ok(request.headers.get("authorization"), self.tokens):
+            metrics.HTTP_REJECTED.labels("unauthorized").inc()
+            return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+        progress = _Progress()
         try:
-            return JSONResponse(await self._caption(request))
+            with self.admission.request() as allowance:
+                body = await read_capped(request, self.settings.limits.max_http_body_bytes, allowance)
+                return SafeJSONResponse(await self._caption(request, body, progress))
+        except Overloaded as e:
+            metrics.HTTP_REJECTED.labels("overloaded").inc()
+            return error_response("overloaded", str(e), 429, {"Retry-After": RETRY_AFTER_S})
         except Rejected as e:
-            return JSONResponse({"error": {"code": str(e.code), "message": e.message}}, status_code=HTTP_STATUS[e.code])
+            return error_response(str(e.code), e.message, HTTP_STATUS[e.code])
+        except Exception as e:  # ours, not the caller's: logged, answered with the stage's code
+            code = UNEXPECTED_CODE[progress.stage]
+            log.exception("unexpected error in the %s stage of an HTTP request", progress.stage)
+            return error_response(str(code), describe(e), HTTP_STATUS[code])
 
     # -- the way through, as in the worker: parse → fetch → decode → replicas --------------------
 
-    async def _caption(self, request: Request) -> dict[str, Any]:
+    async def _caption(self, request: Request, body: bytes, progress: _Progress) -> dict[str, Any]:
         settings = self.settings
-        body = await _read_capped(request, settings.limits.max_http_body_bytes)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         timings: dict[str, float] = {}
         if content_type == "application/json":
             req = self.stages.parse(body)
+            ensure_encodable(req)
+            if not settings.http.allow_s3_references:
+                raise Rejected(ErrorCode.FORBIDDEN_REFERENCE,
+                               "s3:// references are not accepted over HTTP here (http.allow_s3_references)")
+            progress.stage = "fetch"
             data = (await asyncio.to_thread(self.stages.fetch, req.image, timings)).data
         else:
             data, fields = await _upload(request, body, content_type)
             req = _upload_request(data, fields, settings)
+            ensure_encodable(req)
+        progress.stage = "inference"
         info = await self._info()
         if self.stages.input_size is None:
             self.stages = self.stages.sized(info.input_size)
+        progress.stage = "decode"
         prepared = await asyncio.to_thread(self.stages.decode, data, timings)
+        progress.stage = "inference"
         try:
             answer: ReplicaAnswer = await self.replicas.caption.remote(prepared.pixels, req.params)
         except Exception as e:
@@ -273,5 +334,8 @@ class CaptionIngress:
 
     async def _info(self) -> ReplicaInfo:
         if self._model_info is None:
-            self._model_info = await self.replicas.info.remote()
+            try:
+                self._model_info = await self.replicas.info.remote()
+            except Exception as e:
+                raise Rejected(ErrorCode.INFERENCE_FAILED, f"no model replica answered: {describe(e)}") from None
         return self._model_info

@@ -1,9 +1,12 @@
 """The Serve application of configs/serve.yaml on a real Serve instance on loopback: HTTP ingress,
-Kafka ingest and replicas sharing one model, loaded from an s3:// prefix."""
+Kafka ingest and replicas sharing one model, loaded from an s3:// prefix; and a second, guarded
+ingress on the same replicas (no s3:// references, tight admission limits) for auth, limits and a
+few hundred malformed requests."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 import requests
 import yaml
 
+from helpers.http_fuzz_cases import Case, fuzz_cases
 from helpers.kafka_helpers import produce
 from helpers.worker_fixtures import (
     BUCKET,
@@ -22,7 +26,9 @@ from helpers.worker_fixtures import (
     upload,
     worker_settings,
 )
-from workers.config import LimitsConfig, ModelConfig
+
+from workers.config import HttpConfig, LimitsConfig, MetricsConfig, ModelConfig
+from workers.contract import ErrorCode
 from workers.embedded import wait_until
 from workers.kafkaclient import ensure_topics
 
@@ -33,6 +39,8 @@ SERVE_YAML = REPO / "configs" / "serve.yaml"
 APP_NAME = "deploy-test"
 PREFIX = "/captioner"
 BODY_LIMIT = 300_000
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RESULT_KEYS = {"id", "image", "caption", "model", "params", "metadata", "cached", "source", "width", "height", "timings_ms"}
 
 
@@ -54,10 +62,14 @@ def test_serve_yaml_is_a_serve_config_for_our_builder_and_deployments():
 
 
 class Deployed:
-    def __init__(self, base: str, settings: Any, gate: threading.Event):
+    def __init__(self, base: str, settings: Any, gate: threading.Event, tokens_file: Path):
+        self.base = base
         self.url = base + PREFIX
         self.settings = settings
         self.gate = gate
+        self.tokens_file = tokens_file
+        self.http = requests.Session()  # what an authorised client sends
+        self.http.headers.update(AUTH)
 
     def ready(self) -> None:
         """Let the model load through, and wait until the app says it is ready."""
@@ -75,6 +87,8 @@ def deployed(ray_serve: str, broker, s3_server, tmp_path_factory) -> Any:
     from workers.model.loading import build_tiny_random
 
     tmp = tmp_path_factory.mktemp("deploy")
+    tokens_file = tmp / "tokens"
+    tokens_file.write_text(f"# one per line\n{TOKEN}\n")
     # The model as an operator ships it: save_pretrained files under an s3:// prefix, read
     # through a proxy that holds the download until the test lets it go (a slow cold start).
     model_dir = build_tiny_random(tmp / "tiny")
@@ -92,6 +106,8 @@ def deployed(ray_serve: str, broker, s3_server, tmp_path_factory) -> Any:
         model=ModelConfig(source=f"s3://{BUCKET}/models/tiny/", cache_dir=tmp / "cache", torch_threads=1),
         s3=s3_server.s3_config(endpoint_url=proxy.url, allowed_buckets=[BUCKET], max_attempts=2, backoff_s=0.01),
         limits=LimitsConfig(max_http_body_bytes=BODY_LIMIT, max_image_pixels=1_000_000),
+        # serve.yaml binds beyond loopback, so auth is required: the token from a mounted file.
+        http=HttpConfig(auth="required", auth_tokens_file=tokens_file, allow_s3_references=True),
     )
     kafka = settings.kafka
     ensure_topics(kafka, [kafka.input_topic], partitions=2)
@@ -105,7 +121,7 @@ def deployed(ray_serve: str, broker, s3_server, tmp_path_factory) -> Any:
     app["args"]["settings"]["metrics"] = {"port": 0}
     builder = import_attr(app["import_path"])
     serve.run(builder(app["args"]), name=APP_NAME, route_prefix=PREFIX)
-    yield Deployed(ray_serve, settings, gate)
+    yield Deployed(ray_serve, settings, gate, tokens_file)
     gate.set()
     serve.delete(APP_NAME)
     proxy.stop()
@@ -124,14 +140,14 @@ def test_readyz_flips_once_the_model_is_loaded(deployed):
 
 def test_upload_multipart_and_s3_reference_are_captioned(deployed, s3_server):
     deployed.ready()
-    raw = requests.post(f"{deployed.url}/v1/captions", data=png_bytes(501), headers={"content-type": "image/png"},
+    raw = deployed.http.post(f"{deployed.url}/v1/captions", data=png_bytes(501), headers={"content-type": "image/png"},
                         timeout=60)
     assert raw.status_code == 200, raw.text
     body = raw.json()
     assert RESULT_KEYS <= set(body) and body["caption"] and (body["width"], body["height"]) == (48, 40)
     assert body["params"]["beam_size"] == 2 and body["id"].startswith("upload:")
 
-    form = requests.post(
+    form = deployed.http.post(
         f"{deployed.url}/v1/captions",
         files={"image": ("cat.png", png_bytes(502), "image/png")},
         data={"params": json.dumps({"beam_size": 1}), "id": "my-cat", "metadata": json.dumps({"k": "v"})},
@@ -143,7 +159,7 @@ def test_upload_multipart_and_s3_reference_are_captioned(deployed, s3_server):
         "my-cat", "upload:cat.png", 1, {"k": "v"})
 
     uri = upload(s3_server, "http/ref.png", png_bytes(503))
-    ref = requests.post(f"{deployed.url}/v1/captions", json={"image": uri, "id": "ref"}, timeout=60)
+    ref = deployed.http.post(f"{deployed.url}/v1/captions", json={"image": uri, "id": "ref"}, timeout=60)
     assert ref.status_code == 200, ref.text
     assert ref.json()["image"] == uri and ref.json()["id"] == "ref"
 
@@ -159,24 +175,32 @@ def test_upload_multipart_and_s3_reference_are_captioned(deployed, s3_server):
         ("missing object", 404, "object_not_found"),
         ("non-image", 422, "invalid_image"),
         ("too many pixels", 413, "image_too_large"),
+        ("lone surrogate id", 400, "invalid_message"),  # was a 500: the answer could not be encoded
+        ("infinite temperature", 400, "invalid_message"),  # passes `gt=0`; JSON cannot carry it
     ],
 )
 def test_bad_input_gets_the_right_4xx_and_code(deployed, kind, status, code):
     deployed.ready()
     url = f"{deployed.url}/v1/captions"
     post = {
-        "oversize body": lambda: requests.post(url, data=b"\0" * (BODY_LIMIT + 1),
+        "oversize body": lambda: deployed.http.post(url, data=b"\0" * (BODY_LIMIT + 1),
                                                headers={"content-type": "image/png"}, timeout=30),
-        "bad json": lambda: requests.post(url, data=b"{nope", headers={"content-type": "application/json"}, timeout=30),
-        "bad params": lambda: requests.post(url, json={"image": f"s3://{BUCKET}/x.png", "params": {"beam_size": 0}},
+        "bad json": lambda: deployed.http.post(url, data=b"{nope", headers={"content-type": "application/json"}, timeout=30),
+        "bad params": lambda: deployed.http.post(url, json={"image": f"s3://{BUCKET}/x.png", "params": {"beam_size": 0}},
                                             timeout=30),
-        "forbidden bucket": lambda: requests.post(url, json={"image": "s3://elsewhere/x.png"}, timeout=30),
-        "not s3": lambda: requests.post(url, json={"image": "http://169.254.169.254/latest/"}, timeout=30),
-        "missing object": lambda: requests.post(url, json={"image": f"s3://{BUCKET}/http/missing.png"}, timeout=30),
-        "non-image": lambda: requests.post(url, data=b"plain text, not pixels", headers={"content-type": "image/png"},
+        "forbidden bucket": lambda: deployed.http.post(url, json={"image": "s3://elsewhere/x.png"}, timeout=30),
+        "not s3": lambda: deployed.http.post(url, json={"image": "http://169.254.169.254/latest/"}, timeout=30),
+        "missing object": lambda: deployed.http.post(url, json={"image": f"s3://{BUCKET}/http/missing.png"}, timeout=30),
+        "non-image": lambda: deployed.http.post(url, data=b"plain text, not pixels", headers={"content-type": "image/png"},
                                            timeout=30),
-        "too many pixels": lambda: requests.post(url, data=flat_png((1500, 1000)),
+        "too many pixels": lambda: deployed.http.post(url, data=flat_png((1500, 1000)),
                                                  headers={"content-type": "image/png"}, timeout=30),
+        "lone surrogate id": lambda: deployed.http.post(
+            url, data=f'{{"id": "\\ud800", "image": "s3://{BUCKET}/http/ref.png"}}'.encode(),
+            headers={"content-type": "application/json"}, timeout=30),
+        "infinite temperature": lambda: deployed.http.post(
+            url, data=png_bytes(506), params={"params": '{"temperature": Infinity, "do_sample": true}'},
+            headers={"content-type": "image/png"}, timeout=30),
     }[kind]
     response = post()
     assert response.status_code == status, response.text
@@ -196,3 +220,131 @@ def test_the_app_consumes_kafka_and_answers_on_the_results_topic(deployed, broke
     results, dead = collect_outcomes(kafka, len(uris), timeout=120)
     assert dead == []
     assert sorted(json.loads(r.value)["id"] for r in results) == [f"k{i}" for i in range(len(uris))]
+
+
+# -- a guarded ingress on the same replicas: auth, admission limits, hostile input ----------------
+
+GUARD_PREFIX = "/guarded"
+GUARD_BODY_BUDGET = 150_000  # http.max_body_bytes_in_flight: one 100 kB upload fits, two do not
+ALLOWED_CODES = {str(c) for c in ErrorCode} | {"unauthorized"}
+
+
+@pytest.fixture(scope="module")
+def guarded(deployed) -> str:
+    """CaptionIngress alone, bound to the first app's replicas, with s3:// references off and
+    room for two requests at once; yields its captions URL."""
+    from ray import serve
+
+    from deployment.app import ingress_deployment
+    from workers.replicas import DEPLOYMENT_NAME
+
+    deployed.ready()
+    settings = deployed.settings.model_copy(update={
+        "http": HttpConfig(auth="required", auth_tokens_file=deployed.tokens_file, allow_s3_references=False,
+                           max_concurrent_requests=2, max_body_bytes_in_flight=GUARD_BODY_BUDGET),
+        "metrics": MetricsConfig(port=0),
+    })
+    replicas = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+    serve.run(ingress_deployment(settings).bind(settings.portable(), replicas), name="deploy-guard",
+              route_prefix=GUARD_PREFIX)
+    yield deployed.base + GUARD_PREFIX + "/v1/captions"
+    serve.delete("deploy-guard")
+
+
+def _slow_upload(url: str, declared: int) -> socket.socket:
+    """A request whose body is declared but only begun: it holds its slot and body bytes."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1]
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: image/png\r\nContent-Length: {declared}\r\n\r\n".encode() + b"\0" * 10)
+    return conn
+
+
+def _finish(conn: socket.socket, declared: int) -> int:
+    conn.sendall(b"\0" * (declared - 10))
+    status = int(conn.recv(4096).split(b" ", 2)[1])
+    conn.close()
+    return status
+
+
+def _probe(url: str, size: int = 1000) -> requests.Response:
+    return requests.post(url, data=b"\0" * size, headers={**AUTH, "content-type": "image/png"}, timeout=30)
+
+
+def test_guarded_refuses_s3_references_and_missing_tokens(guarded, deployed):
+    ref = requests.post(guarded, json={"image": f"s3://{BUCKET}/http/ref.png"}, headers=AUTH, timeout=30)
+    assert ref.status_code == 403 and ref.json()["error"]["code"] == "forbidden_reference", ref.text
+    upload = requests.post(guarded, data=png_bytes(504), headers={"content-type": "image/png"}, timeout=30)
+    assert upload.status_code == 401 and upload.headers["www-authenticate"] == "Bearer"
+    assert upload.json()["error"]["code"] == "unauthorized"
+    ok = requests.post(guarded, data=png_bytes(504), headers={**AUTH, "content-type": "image/png"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["caption"], ok.text
+    # The first app: no token, no caption; /healthz and /readyz stay open (above).
+    assert requests.post(f"{deployed.url}/v1/captions", data=png_bytes(505), timeout=30).status_code == 401
+
+
+def test_requests_over_the_concurrency_limit_get_429_at_once(guarded):
+    held = [_slow_upload(guarded, 1000) for _ in range(2)]  # max_concurrent_requests = 2
+    try:
+        wait_until(lambda: _probe(guarded).status_code == 429, timeout_s=30, what="429 while two are held")
+        refused = _probe(guarded)
+        assert refused.json()["error"]["code"] == "overloaded" and refused.headers["retry-after"] == "1"
+    finally:
+        statuses = [_finish(conn, 1000) for conn in held]
+    assert statuses == [422, 422]  # the held uploads themselves were answered (zeros: invalid_image)
+    assert _probe(guarded).status_code == 422  # slots given back
+
+
+def test_bodies_over_the_in_flight_byte_budget_get_429(guarded):
+    held = _slow_upload(guarded, 100_000)
+    try:
+        wait_until(lambda: _probe(guarded, 100_000).status_code == 429, timeout_s=30, what="429 over the body budget")
+        assert _probe(guarded, 10_000).status_code == 422  # a small one still fits beside it
+    finally:
+        assert _finish(held, 100_000) == 422
+    assert _probe(guarded, 100_000).status_code == 422  # bytes given back
+
+
+def _send(url: str, case: Case) -> tuple[int, bytes, str]:
+    if case.raw is not None:
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(case.raw)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        content_type = next((line.split(b":", 1)[1].strip().decode("latin-1") for line in head.split(b"\r\n")[1:]
+                             if line.lower().startswith(b"content-type:")), "")
+        return int(head.split(b" ", 2)[1]), body, content_type
+    headers = dict(case.headers)
+    if case.authorised:
+        headers.update(AUTH)
+    response = requests.post(url + (f"?{case.query}" if case.query else ""), data=case.body, headers=headers, timeout=60)
+    return response.status_code, response.content, response.headers.get("content-type", "")
+
+
+def test_hundreds_of_malformed_requests_each_get_a_4xx_with_a_code(guarded):
+    path = "/" + guarded.split("//")[1].split("/", 1)[1]
+    cases = fuzz_cases(seed=10, token=TOKEN, bucket=BUCKET, path=path)
+    assert len(cases) >= 250
+    failures, protocol = [], []
+    for case in cases:
+        status, body, content_type = _send(guarded, case)
+        if case.protocol and "json" not in content_type:
+            # Refused by the HTTP server before the application (uvicorn's plain-text 400).
+            protocol.append(case.name)
+            if status != 400:
+                failures.append(f"{case.name}: {status} {body[:200]!r}")
+            continue
+        try:
+            code = json.loads(body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = None
+        if not (400 <= status < 500 and code in ALLOWED_CODES):
+            failures.append(f"{case.name}: {status} {body[:200]!r}")
+        elif case.expect_status is not None and (status, code) != (case.expect_status, case.expect_code):
+            failures.append(f"{case.name}: expected {case.expect_status} {case.expect_code}, got {status} {code}")
+    assert not failures, f"{len(failures)} of {len(cases)}:\n" + "\n".join(failures)
+    assert len(protocol) <= sum(c.protocol for c in cases) and len(cases) - len(protocol) >= 250

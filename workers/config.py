@@ -7,10 +7,11 @@ what is wrong (`ConfigError`), never later in the hot path.
 
 from __future__ import annotations
 
+import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -182,6 +184,11 @@ class WorkerConfig(_Section):
         description="an outcome the broker does not take (unreachable, timeouts) is re-sent with backoff for "
         "this long; then the worker stops with exit code 3 and commits nothing past it",
     )
+    memory_budget_bytes: int = Field(
+        1024 * MB, ge=16 * MB,
+        description="process-wide bytes of images being decoded at once (encoded, decoded and "
+        "transient copies, estimated from each header); sized for a 2 GiB pod",
+    )
 
     @model_validator(mode="after")
     def _check_watermarks(self) -> WorkerConfig:
@@ -261,10 +268,51 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class HttpConfig(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="the address the HTTP proxy binds (Serve's http_options.host)")
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
+    auth: Literal["required", "disabled"] = Field(
+        "disabled", description="bearer tokens on /v1/*; 'disabled' only with a loopback host (local mode)"
+    )
+    # Secret: CAPTIONER_HTTP__AUTH_TOKENS (a JSON list or comma-separated) in the environment only.
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    auth_tokens_file: Path | None = Field(None, description="one token per line (a mounted Secret)")
+    allow_s3_references: bool = Field(False, description="JSON {\"image\": \"s3://…\"} bodies over HTTP")
+    max_concurrent_requests: int = Field(32, ge=1, description="per ingress replica; more get 429")
+    max_body_bytes_in_flight: int = Field(
+        128 * MB, ge=1, description="request bodies held at once per ingress replica; more get 429"
+    )
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _token_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the environment: '["a","b"]' or 'a,b'
+            try:
+                v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+            except ValueError:
+                raise ValueError("must be a JSON list of strings or comma-separated") from None
+            return [t.strip() for t in v if isinstance(t, str) and t.strip()] if isinstance(v, list) else v
+        return v
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens_are_strong(cls, v: list[SecretStr]) -> list[SecretStr]:
+        if any(len(t.get_secret_value()) < 16 for t in v):
+            raise ValueError("each token must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_off_only_locally(self) -> HttpConfig:
+        if self.auth == "disabled" and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"auth 'disabled' is only allowed when http.host is a loopback address, not {self.host!r}: "
+                "set http.auth: required and give tokens (CAPTIONER_HTTP__AUTH_TOKENS or http.auth_tokens_file)"
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -309,7 +357,7 @@ class Settings(BaseSettings):
     def portable(self) -> dict[str, Any]:
         """The settings as plain data for another process (Serve args, actor options), without
         secrets: the receiving process reads those from its own environment (`from_portable`)."""
-        return self.model_dump(mode="json", exclude={"kafka": {"sasl_password"}})
+        return self.model_dump(mode="json", exclude={"kafka": {"sasl_password"}, "http": {"auth_tokens"}})
 
     @classmethod
     def from_portable(cls, data: dict[str, Any]) -> Settings:
@@ -350,7 +398,7 @@ class ConfigError(ValueError):
         for e in errors:
             key = ".".join(str(p) for p in e.get("loc", ())) or "(root)"
             value = e.get("input")
-            shown = "<secret>" if "password" in key or "secret" in key else repr(value)
+            shown = "<secret>" if any(w in key for w in ("password", "secret", "token")) else repr(value)
             if isinstance(value, dict):
                 shown = "{...}"
             lines.append(f"  {key} = {shown}: {e.get('msg')}")
@@ -373,6 +421,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if not isinstance(loaded, dict):
             raise ConfigError(source, [{"loc": (), "input": loaded, "msg": "top level must be a mapping"}])
         data = loaded
+        if isinstance(data.get("http"), dict) and "auth_tokens" in data["http"]:
+            raise ConfigError(source, [{"loc": ("http", "auth_tokens"), "input": None,
+                                        "msg": "secrets come only from the environment "
+                                               "(CAPTIONER_HTTP__AUTH_TOKENS) or http.auth_tokens_file"}])
     token = _yaml_data.set(data)
     try:
         return Settings(**overrides)

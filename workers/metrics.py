@@ -59,6 +59,12 @@ CONSUMER_LAG = Gauge(
 LAST_POLL = Gauge(
     "captioner_source_last_poll_timestamp_seconds", "Unix time a source's poll() last returned", ["source"]
 )
+MEMORY_BUDGET_IN_USE = Gauge(
+    "captioner_memory_budget_bytes_in_use", "Bytes of images being decoded, held from the memory budget"
+)
+HTTP_REJECTED = Counter(
+    "captioner_http_rejected_total", "HTTP requests refused before any work", ["reason"]
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
