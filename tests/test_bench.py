@@ -33,3 +33,21 @@ def test_ratio_lines_say_whether_the_target_is_met() -> None:
         "torch: batch 16 / naive pipeline = 2.61× (meets the 2.5× target)"
     )
     assert "BELOW the 0.9× target" in ratio_line("batch 4: tf / torch", 0.5, 0.9)
+
+
+def test_bench_report_writes_each_plot_and_a_summary_with_its_numbers(tmp_path) -> None:
+    from harness.bench.report import BenchReport
+
+    report = BenchReport(tmp_path / "report", cpu="test CPU, AMX: no")
+    report.throughput_vs_batch("throughput", {"generate fp32": {1: 1.1, 4: 2.0, 16: 2.7}, "engine bf16": {16: 8.5}})
+    report.latency_cdf("latency", {"continuous": [0.5, 0.6, 0.9], "static": [1.0, 1.2, 2.5]})
+    report.scale_efficiency("scale", {1: 10.0, 2: 19.0, 4: 36.0}, note="stand-in model: measures the plumbing")
+    report.bars("engine", "engine vs generate", {"generate fp32 b16": 1.9, "engine auto": 6.2}, "img/s")
+    summary = report.write().read_text()
+    for name in ("throughput", "latency", "scale", "engine"):
+        png = (tmp_path / "report" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000, name
+        assert f"({name}.png)" in summary
+    assert "| 4×4 | 36.0 | 0.90 |" in summary, "efficiency against linear from 1×1"
+    assert "| static | 3 | 1.200 | 2.500 |" in summary
+    assert "CPU: test CPU, AMX: no" in summary and "stand-in model" in summary
