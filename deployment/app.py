@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -38,6 +38,14 @@ from workers.contract import (
 )
 from workers.contract import Request as CaptionRequest
 from workers.replica_api import ReplicaAnswer, ReplicaInfo
+from workers.replica_wire import (
+    BATCH_PATH,
+    INFO_PATH,
+    FrameError,
+    decode_batch,
+    encode_answers,
+    encode_info,
+)
 from workers.replicas import replica_app
 from workers.stages import Stages
 
@@ -78,15 +86,18 @@ def settings_from_args(args: dict[str, Any]) -> Settings:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application builder named in configs/serve.yaml."""
-    return application(settings_from_args(args))
+    """The application builder named in configs/serve.yaml: the inference tier only (HTTP API,
+    batch endpoint, replicas). The Kafka ingest runs as its own KEDA-scaled pods, so a
+    RayService upgrade never reshuffles the consumer group."""
+    return application(settings_from_args(args), ingest=False)
 
 
-def application(settings: Settings) -> serve.Application:
+def application(settings: Settings, *, ingest: bool = True) -> serve.Application:
+    """The Serve app; `ingest=True` (`captioner serve` locally) adds the in-app Kafka ingest."""
     portable = settings.portable()
     replicas = replica_app(settings.model, settings.s3, settings.replicas)
-    ingest = KafkaIngest.bind(portable, replicas)
-    return CaptionIngress.bind(portable, replicas, ingest)
+    kafka_ingest = KafkaIngest.bind(portable, replicas) if ingest else None
+    return CaptionIngress.bind(portable, replicas, kafka_ingest)
 
 
 # -- Kafka ingest ------------------------------------------------------------------------------
@@ -275,3 +286,35 @@ class CaptionIngress:
         if self._model_info is None:
             self._model_info = await self.replicas.info.remote()
         return self._model_info
+
+    # -- the inference tier's batch endpoint: what `captioner run` ingest pods call ---------------
+
+    @api.post(BATCH_PATH, summary="Caption many prepared images (the ingest's micro-batches)")
+    async def replica_batch(self, request: Request) -> Response:
+        """A frame of uint8 images at the model's size (workers/replica_wire.py) → their answers.
+
+        A failed generate is an answer's `error` (200); anything that says "not now" — Serve's
+        backpressure (`replicas.max_queued_requests`), a replica that died under the call, no
+        replica yet — is 503 with Retry-After, which the ingest retries and never dead-letters.
+        """
+        body = await _read_capped(request, self.settings.limits.max_http_body_bytes)
+        try:
+            items = decode_batch(body, max_items=self.settings.replicas.max_batch_size * 4)
+        except FrameError as e:
+            return JSONResponse({"error": {"code": "invalid_message", "message": str(e)}}, status_code=400)
+        try:
+            answers = await self.replicas.caption_many.remote(items)
+        except Exception as e:  # BackPressureError, RayActorError, a replica still starting
+            log.warning("batch of %d not taken: %s", len(items), describe(e))
+            return JSONResponse({"error": {"code": "unavailable", "message": describe(e)}},
+                                status_code=503, headers={"retry-after": "1"})
+        return JSONResponse(encode_answers(answers))
+
+    @api.get(INFO_PATH, summary="The replicas' model identity and input size")
+    async def replica_info(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self._info(), timeout=30)
+        except Exception as e:  # the model is still loading, or failed to
+            return JSONResponse({"error": {"code": "unavailable", "message": describe(e)}},
+                                status_code=503, headers={"retry-after": "5"})
+        return JSONResponse(encode_info(info))

@@ -104,6 +104,14 @@ class KafkaConfig(_Section):
         "fetch late when records arrive, so a low value is what keeps light-load latency low",
     )
     commit_interval_s: float = Field(1.0, gt=0)
+    create_topics: bool = Field(
+        True, description="create missing topics at start (local); false in prod, where topics are "
+        "provisioned and the ingest only checks them",
+    )
+    min_input_partitions: int = Field(
+        1, ge=1, description="the ingest refuses to start unless the input topic has at least this many "
+        "partitions (prod: the KEDA ScaledObject's maxReplicaCount)",
+    )
     # TLS / SASL. Secrets come from the environment (CAPTIONER_KAFKA__SASL_PASSWORD), never YAML.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: Path | None = None
@@ -177,7 +185,13 @@ class WorkerConfig(_Section):
 class AutoscalingConfig(_Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
+    initial_replicas: int | None = Field(
+        None, ge=0, description="replicas a new deployment starts with (an upgrade: the steady state)"
+    )
+    target_ongoing_requests: float = Field(
+        2, gt=0, description="calls per replica, not images: the ingest's calls carry up to max_batch_size "
+        "images, so 2 is one batch generating and the next one formed",
+    )
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(120, ge=0)
 
@@ -185,6 +199,8 @@ class AutoscalingConfig(_Section):
     def _check_bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
 
 
@@ -200,8 +216,18 @@ class ReplicasConfig(_Section):
         "flight, in the worker's micro-batcher; an idle worker sends at once",
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="default: 2 × max_batch_size, so full batches can form"
+        None, ge=2, description="calls a replica takes at once; default 2 × max_batch_size, so per-image "
+        "callers (POST /v1/captions) can still fill a batch",
     )
+    max_queued_requests: int | None = Field(
+        None, ge=1, description="calls each caller may queue when every replica is at "
+        "max_ongoing_requests; beyond it Serve answers 503 and the ingest pauses (None: unbounded)",
+    )
+    endpoint: str | None = Field(
+        None, description="URL of the inference tier's Serve proxy (e.g. http://captioner-serve-svc:8000): "
+        "`captioner run` then calls its batch endpoint over HTTP and starts no Ray",
+    )
+    endpoint_timeout_s: float = Field(120.0, gt=0, description="one batch call, queueing included")
 
     @field_validator("num_gpus")
     @classmethod
@@ -209,15 +235,6 @@ class ReplicasConfig(_Section):
         if v > 1 and v != int(v):
             raise ValueError("above 1, num_gpus must be a whole number")
         return v
-
-    @model_validator(mode="after")
-    def _check_ongoing(self) -> ReplicasConfig:
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
-                f"max_batch_size ({self.max_batch_size}), or batches can never fill"
-            )
-        return self
 
     @property
     def ongoing_requests(self) -> int:

@@ -29,6 +29,12 @@ class InferenceError(RuntimeError):
     """generate failed for this request's params group."""
 
 
+class ReplicasUnavailable(ConnectionError):
+    """The inference tier could not be reached or would not take the call right now: connection
+    refused or reset, Serve's 503 backpressure, a timeout, a replica restarting in an upgrade.
+    Transient by definition: the caller pauses and retries with backoff; never a dead letter."""
+
+
 @dataclass(frozen=True)
 class ReplicaInfo:
     """A replica's model identity, input spec and placement."""

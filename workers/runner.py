@@ -65,50 +65,88 @@ def start_serve(settings: Settings, *, http: bool) -> None:
     )
 
 
-def deploy_replicas(settings: Settings, *, http: bool = False) -> Any:
-    """Deploy the replica application and return its handle once every replica is ready."""
-    from ray import serve
-
-    from workers.replicas import replica_app
-
-    start_serve(settings, http=http)
-    return serve.run(
-        replica_app(settings.model, settings.s3, settings.replicas),
-        name=f"{settings.ray.app_name}-replicas",
-        route_prefix=None,
-    )
-
-
 @contextlib.contextmanager
 def running_system(settings: Settings) -> Iterator[tuple[Settings, Any]]:
-    """Embedded servers (where asked), Ray and the replicas, torn down in reverse order."""
+    """Embedded servers (where asked), the topics, and the inference tier, torn down in reverse.
+
+    The ingest always reaches the replicas the same way: HTTP to the Serve app's batch endpoint
+    (`workers/replica_http.py`). With `replicas.endpoint` set (production) that is the cluster's
+    Serve proxy and this process starts no Ray; without it, a local Ray + Serve on loopback.
+    """
     from workers.embedded import resolve_embedded
-    from workers.kafkaclient import ensure_topics
 
     with resolve_embedded(settings) as embedded:
         settings = embedded.settings
-        kafka = settings.kafka
-        ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
-        start_ray(settings.ray)
-        import ray
-        from ray import serve
-
-        if settings.ray.address is not None:
-            # Attach: the cluster's Serve application owns the replicas; use them, and leave
-            # them running when this member exits (KEDA scales these members up and down).
-            from workers.replicas import DEPLOYMENT_NAME
-
+        prepare_topics(settings)
+        if settings.replicas.endpoint is not None:
+            replicas = _http_replicas(settings, settings.replicas.endpoint)
             try:
-                yield settings, serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.ray.app_name)
+                yield settings, replicas
             finally:
-                ray.shutdown()
+                replicas.close()
             return
-        try:
-            yield settings, deploy_replicas(settings)
-        finally:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
+        with local_inference_tier(settings) as (settings, endpoint, handle):
+            replicas = _http_replicas(settings, endpoint)
+            # Local only: benchmarks read the replica's batch sizes through the Serve handle.
+            replicas.stats = handle.stats  # type: ignore[attr-defined]
+            try:
+                yield settings, replicas
+            finally:
+                replicas.close()
+
+
+def prepare_topics(settings: Settings) -> None:
+    """Create the topics where that is allowed (local); in any case check the input topic has
+    the partitions the consumer group needs."""
+    from workers.kafkaclient import check_input_topic, ensure_topics
+
+    kafka = settings.kafka
+    if kafka.create_topics:
+        ensure_topics(kafka, [kafka.input_topic], partitions=kafka.min_input_partitions)
+        ensure_topics(kafka, [kafka.output_topic, kafka.dead_letter_topic])
+    check_input_topic(kafka, kafka.min_input_partitions)
+
+
+def _http_replicas(settings: Settings, endpoint: str) -> Any:
+    from workers.replica_http import HttpReplicas
+
+    return HttpReplicas(endpoint, timeout_s=settings.replicas.endpoint_timeout_s)
+
+
+def local_replica_settings(settings: Settings) -> Settings:
+    """A local replica uses the machine: the ingest needs a few ms of CPU per image (decode,
+    resize; docs/deployment.md), far below one core, so torch gets a thread per core instead
+    of one per reserved CPU."""
+    if settings.model.torch_threads is not None:
+        return settings
+    threads = os.cpu_count() or 1
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"torch_threads": threads})})
+
+
+@contextlib.contextmanager
+def local_inference_tier(settings: Settings) -> Iterator[tuple[Settings, str, Any]]:
+    """Local Ray + Serve with the inference app (HTTP API, batch endpoint, replicas) on a free
+    loopback port; yields (settings, base URL, replica handle) once a replica is ready."""
+    from ray import serve
+
+    from deployment.app import application
+    from workers.embedded import free_port
+    from workers.replicas import DEPLOYMENT_NAME
+
+    settings = local_replica_settings(settings)
+    start_ray(settings.ray)
+    import ray
+
+    port = free_port()
+    try:
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(settings, ingest=False), name=settings.ray.app_name, route_prefix="/")
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.ray.app_name)
+        yield settings, f"http://127.0.0.1:{port}", handle
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
 
 
 def run(settings: Settings) -> int:
