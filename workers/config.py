@@ -253,6 +253,14 @@ class RayConfig(_Section):
 class MetricsConfig(_Section):
     port: int = Field(9464, ge=0, le=65535, description="0 disables the /metrics endpoint")
     host: str = "127.0.0.1"
+    health_port: int = Field(
+        0, ge=0, le=65535, description="/livez and /readyz from the poll loop's progress (workers/health.py); 0 disables"
+    )
+    max_poll_gap_s: float = Field(60.0, gt=0, description="not live when the poll loop has not come round for this long")
+    max_stall_s: float = Field(
+        900.0, gt=0, description="not live when the commit watermark has not moved for this long with records open; "
+        "keep it above the ingest's inference retry budget",
+    )
 
 
 class HttpConfig(_Section):

@@ -155,7 +155,9 @@ def run(settings: Settings) -> int:
 
     metrics.serve_metrics(settings.metrics.port, settings.metrics.host)
     with running_system(settings) as (resolved, replicas):
-        pipeline = Pipeline(resolved, replicas).start()
+        pipeline = Pipeline(resolved, replicas)
+        watch_progress(pipeline, resolved)
+        pipeline.start()
         stop = _stop_on_signals(pipeline)
         console.print(
             f"[bold green]captioner running[/]: {resolved.kafka.input_topic} → {resolved.kafka.output_topic} "
@@ -199,6 +201,19 @@ def serve_http(settings: Settings) -> int:
                 serve.shutdown()
             ray.shutdown()
     return 0
+
+
+def watch_progress(pipeline: Any, settings: Settings) -> Any:
+    """Liveness/readiness from the poll loops' progress on metrics.health_port (0: none)."""
+    from workers.health import Health, serve_health
+
+    cfg = settings.metrics
+    if cfg.health_port == 0:
+        return None
+    health = Health(max_poll_gap_s=cfg.max_poll_gap_s, max_stall_s=cfg.max_stall_s)
+    for source in pipeline.sources:  # one member per process in production (kafka.consumers: 1)
+        source.health = health
+    return serve_health(health, cfg.health_port, cfg.host)
 
 
 def _stop_on_signals(pipeline: Any) -> Any:
