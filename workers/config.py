@@ -194,6 +194,8 @@ class AutoscalingConfig(_Section):
     )
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(120, ge=0)
+    metrics_interval_s: float = Field(10, gt=0, description="how often replicas report their ongoing calls")
+    look_back_period_s: float = Field(30, gt=0, description="the window the autoscaler averages over")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingConfig:
