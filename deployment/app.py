@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 INGRESS_NAME = "CaptionIngress"
 INGEST_NAME = "KafkaIngest"
+INGRESS_MAX_ONGOING_CALLS = 64  # configs/serve.yaml may set another value per environment
 
 # Each dead-letter code as an HTTP status: the client's fault is 4xx, ours or upstream's 5xx,
 # and nothing the request contains can produce a bare 500.
@@ -97,7 +98,10 @@ def application(settings: Settings, *, ingest: bool = True) -> serve.Application
     portable = settings.portable()
     replicas = replica_app(settings.model, settings.s3, settings.replicas)
     kafka_ingest = KafkaIngest.bind(portable, replicas) if ingest else None
-    return CaptionIngress.bind(portable, replicas, kafka_ingest)
+    # The ingress mostly awaits replicas; at Serve's default of 5 ongoing calls it would cap how
+    # many micro-batches reach the replicas, and their batches would never fill.
+    ingress = CaptionIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING_CALLS)
+    return ingress.bind(portable, replicas, kafka_ingest)
 
 
 # -- Kafka ingest ------------------------------------------------------------------------------

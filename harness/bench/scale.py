@@ -265,7 +265,9 @@ def _ingest_settings(broker: Any, s3: Any, endpoint: str, **worker: Any) -> Sett
                           commit_interval_s=0.5, poll_timeout_ms=100, create_topics=False,
                           min_input_partitions=1),
         s3=s3.s3_config(allowed_buckets=["images"]),
-        replicas=ReplicasConfig(endpoint=endpoint, max_batch_size=BATCH, batch_wait_timeout_s=0.01),
+        # While a call is in flight the ingest fills the next one for up to 0.2 s: against a
+        # 1.5 s batch, a full call beats several small ones the replica cannot always merge.
+        replicas=ReplicasConfig(endpoint=endpoint, max_batch_size=BATCH, batch_wait_timeout_s=0.2),
         worker=WorkerConfig(max_in_flight=4 * BATCH, cache_size=0, fetch_concurrency=8, **worker),
     )
 
@@ -437,6 +439,8 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
             result.replicas = n
             for m in members:
                 m.stop()
+            sizes = _replica_batch_sizes()
+            console.print(f"  {n}x{n}: mean batch {np.mean(sizes):.1f} images over {len(sizes)} batches")
             report.phases.append(result)
             console.print(f"  {n}x{n}: {result.images} images in {result.seconds:5.1f} s = {result.rate:6.1f} img/s, "
                           f"machine CPU {result.cpu_busy:4.0%} (ingest {result.ingest_cpu_s * 1000 / result.images:.1f} ms/img), answered once: {result.answered_once}, "
@@ -451,6 +455,15 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
     console.print(NOTE)
     console.print(f"scale efficiency: {report.efficiency(top):.2f} at {top}x{top}")
     return report
+
+
+def _replica_batch_sizes() -> list[int]:
+    from ray import serve
+
+    from workers.replicas import DEPLOYMENT_NAME
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, APP)
+    return handle.stats.remote().result()["batch_sizes"] or [0]
 
 
 def _ingest_pod(broker: Any, s3: Any, endpoint: str, base: Settings, workdir: Path, console: Console) -> dict[str, float]:
