@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import requests
 import yaml
-
 from kafka_helpers import produce
 from worker_fixtures import (
     BUCKET,
@@ -22,6 +21,7 @@ from worker_fixtures import (
     upload,
     worker_settings,
 )
+
 from workers.config import LimitsConfig, ModelConfig
 from workers.embedded import wait_until
 from workers.kafkaclient import ensure_topics
@@ -204,7 +204,13 @@ def test_batch_endpoint_answers_prepared_images_in_order(deployed):
     import numpy as np
 
     from workers.params import GenerationParams
-    from workers.replica_wire import BATCH_PATH, CONTENT_TYPE, INFO_PATH, decode_answers, encode_batch
+    from workers.replica_wire import (
+        BATCH_PATH,
+        CONTENT_TYPE,
+        INFO_PATH,
+        decode_answers,
+        encode_batch,
+    )
 
     deployed.ready()
     info = requests.get(f"{deployed.url}{INFO_PATH}", timeout=30).json()
