@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# The captioner image: the Ray head, the GPU (or CPU) Ray workers and the ingest pods all run it.
+# Two images from one file: `runtime` (the default target), which the Ray head and the GPU (or
+# CPU) Ray workers run, and `ingest` (`--target ingest`), the slim image of the `captioner run`
+# pods: no torch, no TensorFlow, no Ray.
 #
 # Base: python:3.11-slim, not nvidia/cuda or rayproject/ray. PyPI's torch 2.13.0 wheel for
 # Linux x86_64 is the CUDA build and brings its own CUDA runtime, cuDNN and NCCL as nvidia-*
@@ -29,7 +31,43 @@ COPY workers ./workers
 COPY deployment ./deployment
 RUN pip install --no-cache-dir --no-deps . && pip check
 
-# ---- runtime -----------------------------------------------------------------------------------
+# ---- build-ingest: the slim ingest's venv: every dependency but the inference-only ones -------
+# `captioner run` pods (CPU: Kafka, S3, decode/resize, HTTP to the inference tier) import no
+# torch, transformers or Ray; pyproject's [tool.captioner] inference-only names what to leave out.
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build-ingest
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml ./
+RUN python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); skip = set(p['tool']['captioner']['inference-only']); print('\n'.join(d for d in p['project']['dependencies'] if re.split(r'[\[=<>~! ]', d)[0] not in skip))" > requirements.txt \
+ && pip install --no-cache-dir -r requirements.txt
+COPY README.md ./
+COPY workers ./workers
+COPY deployment ./deployment
+# No `pip check`: the package's metadata lists torch and ray, left out here on purpose. What
+# matters is checked instead: the ingest's code path imports without them.
+RUN pip install --no-cache-dir --no-deps . \
+ && python -c "import sys, workers.runner, workers.replica_http, workers.pipeline; bad = {'torch', 'ray', 'transformers'} & set(sys.modules); sys.exit(f'ingest imports {bad}' if bad else 0)"
+
+# ---- ingest: the slim image of the `captioner run` pods (k8s/base/ingest.yaml) -----------------
+#   docker build --target ingest -t captioner-ingest:0.1.0 .
+FROM python:${PYTHON_VERSION}-slim-bookworm AS ingest
+RUN groupadd --gid 1000 captioner \
+ && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/captioner --shell /bin/bash captioner
+COPY --from=build-ingest /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/captioner \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /app
+USER 1000:1000
+# 9464 /metrics, 8081 /livez and /readyz.
+EXPOSE 9464 8081
+CMD ["captioner", "run", "--config", "/etc/captioner/config.yaml"]
+
+# ---- runtime: the GPU image (Ray head and workers); the default target --------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 # The Ray version KubeRay is told (rayVersion) must be the one installed: fail the build if not.
 ARG RAY_VERSION=2.60.0
@@ -57,7 +95,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}')"
 WORKDIR /app
 USER 1000:1000
-# 8000 Serve HTTP, 9464 captioner /metrics, 8080 Ray metrics, 6379/8265/10001 Ray head.
-EXPOSE 8000 9464 8080 6379 8265 10001
+# 8000 Serve HTTP, 8080 Ray metrics, 6379/8265/10001 Ray head.
+EXPOSE 8000 8080 6379 8265 10001
 # No HEALTHCHECK: Kubernetes ignores it; KubeRay's probes and the ingest pods' probes do the job.
 CMD ["captioner", "--help"]

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -61,6 +61,14 @@ from workers.contract import (
 )
 from workers.contract import Request as CaptionRequest
 from workers.replica_api import ReplicaAnswer, ReplicaInfo
+from workers.replica_wire import (
+    BATCH_PATH,
+    INFO_PATH,
+    FrameError,
+    decode_batch,
+    encode_answers,
+    encode_info,
+)
 from workers.replicas import replica_app
 from workers.stages import Stages
 
@@ -68,6 +76,7 @@ log = logging.getLogger(__name__)
 
 INGRESS_NAME = "CaptionIngress"
 INGEST_NAME = "KafkaIngest"
+INGRESS_MAX_ONGOING_CALLS = 64  # configs/serve.yaml may set another value per environment
 
 # Each dead-letter code as an HTTP status: the client's fault is 4xx, ours or upstream's 5xx,
 # and nothing the request contains can produce a bare 500.
@@ -110,23 +119,29 @@ def settings_from_args(args: dict[str, Any]) -> Settings:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application builder named in configs/serve.yaml."""
-    return application(settings_from_args(args))
+    """The application builder named in configs/serve.yaml: the inference tier only (HTTP API,
+    batch endpoint, replicas). The Kafka ingest runs as its own KEDA-scaled pods, so a
+    RayService upgrade never reshuffles the consumer group."""
+    return application(settings_from_args(args), ingest=False)
 
 
-def application(settings: Settings) -> serve.Application:
+def application(settings: Settings, *, ingest: bool = True) -> serve.Application:
+    """The Serve app; `ingest=True` (`captioner serve` locally) adds the in-app Kafka ingest."""
     portable = settings.portable()
     replicas = replica_app(settings.model, settings.s3, settings.replicas)
-    ingest = KafkaIngest.bind(portable, replicas)
-    return ingress_deployment(settings).bind(portable, replicas, ingest)
+    kafka_ingest = KafkaIngest.bind(portable, replicas) if ingest else None
+    return ingress_deployment(settings).bind(portable, replicas, kafka_ingest)
 
 
 def ingress_deployment(settings: Settings) -> Any:
-    """CaptionIngress with Serve's own limits set from ours: twice `http.max_concurrent_requests`
-    may reach a replica (so that the excess gets our 429 at once rather than waiting in the
-    proxy), and as many again may wait in the proxy before it answers 503."""
+    """CaptionIngress with Serve's own limits set from ours. The ingress mostly awaits replicas: at
+    Serve's default of 5 ongoing calls it would cap how many of the ingest's micro-batches reach
+    the replicas, and their batches would never fill; and twice `http.max_concurrent_requests`
+    may reach it, so that the excess of `/v1/captions` gets our 429 at once rather than waiting
+    in the proxy, with as many again waiting in the proxy before it answers 503."""
     limit = settings.http.max_concurrent_requests
-    return CaptionIngress.options(max_ongoing_requests=2 * limit, max_queued_requests=2 * limit)
+    ongoing = max(INGRESS_MAX_ONGOING_CALLS, 2 * limit)
+    return CaptionIngress.options(max_ongoing_requests=ongoing, max_queued_requests=ongoing)
 
 
 # -- Kafka ingest ------------------------------------------------------------------------------
@@ -279,8 +294,7 @@ class CaptionIngress:
     @api.post("/v1/captions")
     async def caption(self, request: Request) -> JSONResponse:
         """Auth, then admission, then the stages; every way out is JSON with a code."""
-        if self.settings.http.auth == "required" and not bearer_ok(request.headers.get("authorization"), self.tokens):
-            metrics.HTTP_REJECTED.labels("unauthorized").inc()
+        if not self._authorized(request):
             return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
         progress = _Progress()
         try:
@@ -296,6 +310,13 @@ class CaptionIngress:
             code = UNEXPECTED_CODE[progress.stage]
             log.exception("unexpected error in the %s stage of an HTTP request", progress.stage)
             return error_response(str(code), describe(e), HTTP_STATUS[code])
+
+    def _authorized(self, request: Request) -> bool:
+        """Bearer token check (constant time) for everything but health, readiness and the docs."""
+        if self.settings.http.auth != "required" or bearer_ok(request.headers.get("authorization"), self.tokens):
+            return True
+        metrics.HTTP_REJECTED.labels("unauthorized").inc()
+        return False
 
     # -- the way through, as in the worker: parse → fetch → decode → replicas --------------------
 
@@ -339,3 +360,43 @@ class CaptionIngress:
             except Exception as e:
                 raise Rejected(ErrorCode.INFERENCE_FAILED, f"no model replica answered: {describe(e)}") from None
         return self._model_info
+
+    # -- the inference tier's batch endpoint: what `captioner run` ingest pods call ---------------
+
+    @api.post(BATCH_PATH, summary="Caption many prepared images (the ingest's micro-batches)")
+    async def replica_batch(self, request: Request) -> Response:
+        """A frame of uint8 images at the model's size (workers/replica_wire.py) → their answers.
+
+        A failed generate is an answer's `error` (200); anything that says "not now" — Serve's
+        backpressure (`replicas.max_queued_requests`), a replica that died under the call, no
+        replica yet — is 503 with Retry-After, which the ingest retries and never dead-letters.
+        """
+        if not self._authorized(request):
+            return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+        try:
+            # The same admission as /v1/captions: over it, a 503 the ingest retries (backpressure).
+            with self.admission.request() as allowance:
+                body = await read_capped(request, self.settings.limits.max_http_body_bytes, allowance)
+                items = decode_batch(body, max_items=self.settings.replicas.max_batch_size * 4)
+                answers = await self.replicas.caption_many.remote(items)
+        except FrameError as e:
+            return error_response("invalid_message", str(e), 400)
+        except Rejected as e:
+            return error_response(str(e.code), e.message, HTTP_STATUS[e.code])
+        except Overloaded as e:
+            metrics.HTTP_REJECTED.labels("overloaded").inc()
+            return error_response("unavailable", str(e), 503, {"Retry-After": "1"})
+        except Exception as e:  # BackPressureError, RayActorError, a replica still starting
+            log.warning("batch not taken: %s", describe(e))
+            return error_response("unavailable", describe(e), 503, {"Retry-After": "1"})
+        return SafeJSONResponse(encode_answers(answers))
+
+    @api.get(INFO_PATH, summary="The replicas' model identity and input size")
+    async def replica_info(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+        try:
+            info = await asyncio.wait_for(self._info(), timeout=30)
+        except Exception as e:  # the model is still loading, or failed to
+            return error_response("unavailable", describe(e), 503, {"Retry-After": "5"})
+        return SafeJSONResponse(encode_info(info))

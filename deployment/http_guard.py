@@ -18,7 +18,6 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -67,11 +66,7 @@ def ensure_encodable(req: CaptionRequest) -> None:
 
 def load_tokens(settings: Settings) -> list[bytes]:
     """The accepted bearer tokens: the environment's (http.auth_tokens) and the file's lines."""
-    tokens = [t.get_secret_value().encode() for t in settings.http.auth_tokens]
-    path = settings.http.auth_tokens_file
-    if path is not None:
-        lines = Path(path).read_text().splitlines()
-        tokens += [line.strip().encode() for line in lines if line.strip() and not line.startswith("#")]
+    tokens = [t.encode() for t in settings.http.token_strings()]
     if any(len(t) < MIN_TOKEN_CHARS for t in tokens):
         raise ConfigError("http auth", [{"loc": ("http", "auth_tokens_file"), "input": None,
                                          "msg": f"each token must be at least {MIN_TOKEN_CHARS} characters"}])

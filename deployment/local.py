@@ -1,5 +1,6 @@
-"""`captioner serve`: the whole Serve application (HTTP ingress + Kafka ingest + replicas) on this
-machine, with `embedded` servers resolved first.
+"""The Serve application on this machine: `captioner serve` (HTTP ingress + Kafka ingest +
+replicas, with `embedded` servers resolved first), and the local inference tier that
+`captioner run` and `demo` call over loopback HTTP when no `replicas.endpoint` is set.
 
 Lives beside the application it deploys: `deployment` may import the runtime (`workers`), never
 the reverse. Stopping (SIGTERM, SIGINT): the application is deleted first, so the HTTP proxy
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from workers.config import Settings
-from workers.runner import console, start_ray, start_serve
+from workers.runner import console, local_replica_settings, start_ray, start_serve
 from workers.signals import Stopped, on_stop_signals, raise_on_stop_signals
 
 
@@ -58,3 +61,32 @@ def _serve(settings: Settings) -> int:
             ray.shutdown()
     console.print("[green]stopped[/]")
     return 0
+
+
+@contextlib.contextmanager
+def local_inference_tier(settings: Settings) -> Iterator[tuple[Settings, str, Any]]:
+    """Local Ray + Serve with the inference app (HTTP API, batch endpoint, replicas) on a free
+    loopback port; yields (settings, base URL, replica handle) once a replica is ready.
+
+    What `captioner run` and `demo` use on embedded settings, so they take the same HTTP path
+    to the replicas as an ingest pod does in production."""
+    from ray import serve
+
+    from deployment.app import application
+    from workers.embedded import free_port
+    from workers.replicas import DEPLOYMENT_NAME
+
+    settings = local_replica_settings(settings)
+    start_ray(settings.ray)
+    import ray
+
+    port = free_port()
+    try:
+        start_serve(settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})}), http=True)
+        serve.run(application(settings, ingest=False), name=settings.ray.app_name, route_prefix="/")
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.ray.app_name)
+        yield settings, f"http://{settings.http.host}:{port}", handle
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()

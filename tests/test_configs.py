@@ -69,7 +69,9 @@ def test_prod_loads_with_the_secret_env(secret_env: None) -> None:
     assert s.kafka.sasl_password is not None and s.kafka.sasl_password.get_secret_value() == "pw"
     assert s.replicas.num_gpus == 1
     assert s.replicas.autoscaling is not None and s.replicas.autoscaling.max_replicas >= 1
-    assert s.replicas.ongoing_requests >= s.replicas.max_batch_size
+    # Serve's units are calls, and the ingest's calls carry up to max_batch_size images.
+    assert s.replicas.autoscaling.target_ongoing_requests <= s.replicas.ongoing_requests
+    assert s.replicas.endpoint and s.ray.address is None
     assert s.metrics.host == "0.0.0.0"  # scraped from outside the pod
 
 

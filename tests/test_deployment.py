@@ -212,14 +212,64 @@ def test_openapi_document_is_served(deployed):
     assert "/v1/captions" in spec["paths"] and "/readyz" in spec["paths"]
 
 
-def test_the_app_consumes_kafka_and_answers_on_the_results_topic(deployed, broker, s3_server):
+def test_build_app_is_the_inference_tier_without_a_kafka_consumer(deployed):
+    """configs/serve.yaml's app holds no consumer: an upgrade of it moves no partition."""
+    from ray import serve
+
+    from deployment.app import INGEST_NAME, INGRESS_NAME
+    from workers.replicas import DEPLOYMENT_NAME
+
+    deployments = set(serve.status().applications[APP_NAME].deployments)
+    assert deployments == {INGRESS_NAME, DEPLOYMENT_NAME}
+    assert INGEST_NAME not in {d["name"] for d in serve_yaml_app()["deployments"]}
+
+
+def test_batch_endpoint_answers_prepared_images_in_order(deployed):
+    import numpy as np
+
+    from workers.params import GenerationParams
+    from workers.replica_wire import (
+        BATCH_PATH,
+        CONTENT_TYPE,
+        INFO_PATH,
+        decode_answers,
+        encode_batch,
+    )
+
+    deployed.ready()
+    info = requests.get(f"{deployed.url}{INFO_PATH}", timeout=30).json()
+    assert (info["height"], info["width"]) == (32, 32) and info["model"]["untrained"] is True
+    rng = np.random.default_rng(7)
+    items = [(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), GenerationParams(beam_size=b)) for b in (1, 2, 1)]
+    response = requests.post(f"{deployed.url}{BATCH_PATH}", data=encode_batch(items),
+                             headers={"content-type": CONTENT_TYPE}, timeout=60)
+    assert response.status_code == 200, response.text
+    answers = decode_answers(response.json(), 3)
+    assert all(a.captions and a.error is None for a in answers)
+    bad = requests.post(f"{deployed.url}{BATCH_PATH}", data=b"\0\0\0\xffnope", headers={"content-type": CONTENT_TYPE},
+                        timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_message"
+
+
+def test_the_ingest_consumes_kafka_through_the_batch_endpoint(deployed, broker, s3_server):
+    """`captioner run`'s path: a Pipeline over HttpReplicas (no Ray handle) against the app."""
+    from workers.pipeline import Pipeline
+    from workers.replica_http import HttpReplicas
+
     deployed.ready()
     kafka = deployed.settings.kafka
     uris = [upload(s3_server, f"ingest/{i}.png", png_bytes(600 + i)) for i in range(4)]
     produce(kafka.bootstrap_servers, kafka.input_topic, [request(u, id=f"k{i}") for i, u in enumerate(uris)])
-    results, dead = collect_outcomes(kafka, len(uris), timeout=120)
+    replicas = HttpReplicas(deployed.url, timeout_s=60)
+    pipeline = Pipeline(deployed.settings, replicas).start()
+    try:
+        results, dead = collect_outcomes(kafka, len(uris), timeout=120)
+    finally:
+        pipeline.stop()
+        replicas.close()
     assert dead == []
     assert sorted(json.loads(r.value)["id"] for r in results) == [f"k{i}" for i in range(len(uris))]
+    assert all(json.loads(r.value)["model"]["name"] == f"s3://{BUCKET}/models/tiny/" for r in results)
 
 
 # -- a guarded ingress on the same replicas: auth, admission limits, hostile input ----------------

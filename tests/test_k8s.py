@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).parent / "data" / "crds"
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 K8S_VERSION = "1.32.0"  # a version kubernetes-validate ships; the oldest we support
-SECRETS = {"captioner-kafka", "captioner-s3"}  # created by the operator (docs/deployment.md)
+SECRETS = {"captioner-kafka", "captioner-s3", "captioner-redis"}  # created by the operator (docs/deployment.md)
 CUSTOM = {"RayService", "ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule"}
 
 KUBECTL = shutil.which("kubectl")
@@ -232,13 +232,12 @@ def test_keda_scales_the_ingest_deployment_not_ray(overlay: str) -> None:
     ref = so["spec"]["scaleTargetRef"]
     assert (ref.get("apiVersion", "apps/v1"), ref.get("kind", "Deployment")) == ("apps/v1", "Deployment")
     (target,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == ref["name"]]
-    # KEDA's HPA owns the replica count; a `replicas:` here would fight it on every apply. The
-    # one exception is the held state (ingest.yaml): 0 replicas AND KEDA paused at 0, together.
-    paused = so["metadata"].get("annotations", {}).get("autoscaling.keda.sh/paused-replicas")
-    if "replicas" in target["spec"] or paused is not None:
-        assert (target["spec"].get("replicas"), paused) == (0, "0"), "hold both or neither"
+    # KEDA's HPA owns the replica count; a `replicas:` here would fight it on every apply. And
+    # it is live: not paused, at least one member always consuming.
+    assert "replicas" not in target["spec"]
+    assert not any(k.startswith("autoscaling.keda.sh/paused") for k in so["metadata"].get("annotations", {}))
     assert target["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["captioner", "run"]
-    assert 0 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+    assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
     # The reason KEDA does not target Ray: the RayService CRD has no /scale subresource.
     versions = crd("ray.io_rayservices.yaml")["spec"]["versions"]
     assert all("scale" not in v.get("subresources", {}) for v in versions)
@@ -389,6 +388,10 @@ def test_secrets_are_referenced_never_inlined(overlay: str) -> None:
             assert "secretRef" not in ef or ef["secretRef"]["name"] in SECRETS
     for ta in of_kind(docs, "TriggerAuthentication"):
         referenced |= {r["name"] for r in ta["spec"]["secretTargetRef"]}
+    for rs in of_kind(docs, "RayService"):
+        gcs = rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+        assert "value" not in gcs["redisPassword"], "the Redis password is referenced, never inlined"
+        referenced.add(gcs["redisPassword"]["valueFrom"]["secretKeyRef"]["name"])
     assert referenced == SECRETS
     # The settings file in the ConfigMap carries no credential either.
     _, text = overlay_settings(docs)
@@ -502,3 +505,189 @@ def test_hadolint_ignores_state_a_reason() -> None:
 def test_dockerignore_keeps_secrets_and_venv_out() -> None:
     ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".git", ".env", "tests"} <= ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# Two tiers: the ingest pods call the inference tier over HTTP; units agree end to end
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_on_lag_within_the_partitions_the_ingest_checks(overlay: str, monkeypatch) -> None:
+    docs = render(overlay)
+    s = _settings(docs, monkeypatch)
+    (so,) = of_kind(docs, "ScaledObject")
+    md = so["spec"]["triggers"][0]["metadata"]
+    # The ingest refuses to start below min_input_partitions; KEDA never asks for more members
+    # than that, so no member sits idle.
+    assert s.kafka.create_topics is False
+    assert so["spec"]["maxReplicaCount"] == s.kafka.min_input_partitions
+    assert int(md["lagThreshold"]) > 0 and 0 < int(md["activationLagThreshold"]) < int(md["lagThreshold"])
+    assert md["ensureEvenDistributionOfPartitions"] == "true"
+    assert md["allowIdleConsumers"] == "false"
+
+
+def test_lag_threshold_is_the_measured_pod_throughput_times_the_stated_seconds() -> None:
+    text = (ROOT / "k8s" / "base" / "keda.yaml").read_text()
+    lag = int(re.search(r'lagThreshold: "(\d+)"', text).group(1))
+    m = re.search(r"(\d+) seconds of one pod's measured\s*#\s*throughput \(docs/deployment.md, \"Scale plan\": "
+                  r"(\d+) img/s per", text)
+    assert m, "keda.yaml must state the seconds and the measured img/s it derives lagThreshold from"
+    seconds, rate = int(m.group(1)), int(m.group(2))
+    assert lag == seconds * rate
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    assert f"{rate} img/s" in doc and "captioner bench --mode scale" in doc
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingest_reaches_the_inference_tier_over_http_not_ray(overlay: str, monkeypatch) -> None:
+    docs = render(overlay)
+    s = _settings(docs, monkeypatch)
+    assert s.ray.address is None, "the ingest must not connect to Ray (Ray Client dies on upgrades)"
+    assert s.replicas.endpoint == "http://captioner-serve-svc:8000"  # KubeRay's Serve Service for RayService `captioner`
+    (rs,) = of_kind(docs, "RayService")
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    names = {d["name"] for app in serve["applications"] for d in app.get("deployments", [])}
+    assert "KafkaIngest" not in names, "a consumer inside the RayService is reshuffled by every upgrade"
+    (ingest,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "captioner-ingest"]
+    (c,) = ingest["spec"]["template"]["spec"]["containers"]
+    assert c["image"].split("/")[-1].startswith("captioner-ingest:"), "the slim image, no torch"
+    assert not any(e["name"].startswith("RAY_") for e in c.get("env", []))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_autoscaling_counts_calls_and_pushes_back(overlay: str, monkeypatch) -> None:
+    docs = render(overlay)
+    s = _settings(docs, monkeypatch)
+    r = s.replicas
+    auto = r.autoscaling
+    assert auto is not None
+    # Calls carry up to max_batch_size images: a target of a few calls is a few full batches.
+    assert 1 <= auto.target_ongoing_requests <= r.ongoing_requests <= 8
+    assert auto.target_ongoing_requests * r.max_batch_size >= r.max_batch_size
+    assert r.max_queued_requests is not None, "overload must come back as 503 (pause), not queue"
+    assert auto.initial_replicas is not None and auto.min_replicas <= auto.initial_replicas <= auto.max_replicas
+    (rs,) = of_kind(docs, "RayService")
+    groups = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    if r.num_gpus:
+        # A new cluster (an upgrade) starts with the GPUs its initial replicas need.
+        assert sum(g["replicas"] * _gpus(g) for g in groups) >= auto.initial_replicas * r.num_gpus
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingest_health_comes_from_progress(overlay: str, monkeypatch) -> None:
+    docs = render(overlay)
+    s = _settings(docs, monkeypatch)
+    (ingest,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "captioner-ingest"]
+    (c,) = ingest["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["health"] == s.metrics.health_port != 0
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster objects: GCS fault tolerance, the head, token auth, GPUs, metrics, network
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_cluster_survives_head_loss_and_is_token_protected(overlay: str) -> None:
+    docs = render(overlay)
+    (rs,) = of_kind(docs, "RayService")
+    rc = rs["spec"]["rayClusterConfig"]
+    gcs = rc["gcsFaultToleranceOptions"]
+    assert gcs["redisAddress"].endswith(":6379")
+    assert gcs["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "captioner-redis"
+    assert rc["authOptions"]["mode"] == "token"
+    head = rc["headGroupSpec"]["template"]
+    assert head["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    pdbs = [p for p in of_kind(docs, "PodDisruptionBudget") if _selects(p["spec"]["selector"], head["metadata"]["labels"])]
+    assert pdbs and all(p["spec"].get("maxUnavailable") == 0 for p in pdbs), "the head is not evictable"
+    # Egress to Redis is allowed for the Ray pods.
+    ray_np = [n for n in of_kind(docs, "NetworkPolicy") if _selects(n["spec"]["podSelector"], head["metadata"]["labels"])]
+    assert any(p.get("port") == 6379 for n in ray_np for rule in n["spec"]["egress"] for p in rule.get("ports", []))
+
+
+@needs_kubectl
+def test_gpu_workers_select_gpu_nodes_by_the_documented_label() -> None:
+    (rs,) = of_kind(render("prod"), "RayService")
+    (gpu,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nvidia.com/gpu.present" in (ROOT / "docs" / "deployment.md").read_text()
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_ports_only_where_something_listens(overlay: str) -> None:
+    docs = render(overlay)
+    for where, _, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            names = {p["name"] for p in c.get("ports", [])}
+            if where.startswith("RayService/"):
+                # captioner's /metrics is served by the ingest only; Ray exports on 8080.
+                assert "metrics" not in names, where
+                assert {p["containerPort"] for p in c["ports"] if p["name"] == "ray-metrics"} == {8080}, where
+            else:
+                assert "ray-metrics" not in names, where
+    (rs,) = of_kind(docs, "RayService")
+    rc = rs["spec"]["rayClusterConfig"]
+    for group in [rc["headGroupSpec"], *rc["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_podmonitor_labels_ray_metrics_with_the_cluster(overlay: str) -> None:
+    (pm,) = of_kind(render(overlay), "PodMonitor")
+    (ray,) = [e for e in pm["spec"]["podMetricsEndpoints"] if e["port"] == "ray-metrics"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"} in ray["relabelings"]
+
+
+RAY_CONTROL_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray Client", 52365: "dashboard agent"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_labelled_pod_reaches_ray_control_ports(overlay: str) -> None:
+    """Evaluate the policies for pods in the namespace: the ingest, and any pod that merely
+    carries the app's label. Neither may reach the head's GCS, dashboard or Ray Client."""
+    docs = render(overlay)
+    head_labels = {"app.kubernetes.io/name": "captioner", "app.kubernetes.io/component": "ray-head"}
+    callers = {
+        "ingest": {"app.kubernetes.io/name": "captioner", "app.kubernetes.io/component": "ingest"},
+        "any labelled pod": {"app.kubernetes.io/name": "captioner"},
+    }
+    policies = [n for n in of_kind(docs, "NetworkPolicy") if _selects(n["spec"]["podSelector"], head_labels)]
+    assert policies
+    for who, labels in callers.items():
+        for n in policies:
+            for rule in n["spec"].get("ingress", []):
+                peers = rule.get("from", [])
+                same_ns = [p for p in peers if "namespaceSelector" not in p and "ipBlock" not in p]
+                if peers and not any(_selects(p["podSelector"], labels) for p in same_ns):
+                    continue
+                ports = {p["port"] for p in rule.get("ports", [])}
+                assert ports, f"{who} reaches every port of the head ({n['metadata']['name']})"
+                reached = {RAY_CONTROL_PORTS[p] for p in ports & set(RAY_CONTROL_PORTS)}
+                assert not reached, f"{who} reaches {reached}"
+    # And the ingest's own egress to Ray pods is the Serve port only.
+    (ingest_np,) = [n for n in of_kind(docs, "NetworkPolicy") if _selects(n["spec"]["podSelector"], callers["ingest"])]
+    for rule in ingest_np["spec"]["egress"]:
+        if any(_selects(p.get("podSelector", {"matchLabels": {"x": "never"}}), head_labels) for p in rule.get("to", [])):
+            assert {p["port"] for p in rule["ports"]} == {8000}
+
+
+def test_dockerfile_has_a_slim_ingest_image_without_torch_or_ray() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\S+)", text, re.M)
+    assert {"ingest", "runtime"} <= set(stages) and stages[-1] == "runtime", stages  # GPU image is the default
+    skip = set(_pyproject()["tool"]["captioner"]["inference-only"])
+    assert {"torch", "transformers", "ray"} <= skip
+    names = {re.split(r"[\[=<>~! ]", d)[0] for d in _pyproject()["project"]["dependencies"]}
+    assert "tensorflow" not in names  # TF is an extra the ingest never installs
+    ingest_stage = text.split("AS build-ingest", 1)[1].split("\nFROM ", 1)[0]
+    assert "inference-only" in ingest_stage

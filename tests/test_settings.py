@@ -32,7 +32,7 @@ def test_env_beats_file_and_flags_beat_env(tmp_path, monkeypatch):
         ("worker:\n  max_in_flight: 0\n", "worker.max_in_flight", "greater than or equal to 1"),
         ("generation:\n  beam_size: 50\n", "generation.beam_size", "max_beam_size"),
         ("generation:\n  top_p: 1.5\n", "generation.top_p", "1.5"),
-        ("replicas:\n  max_batch_size: 32\n  max_ongoing_requests: 8\n", "replicas", "max_ongoing_requests"),
+        ("replicas:\n  max_ongoing_requests: 1\n", "replicas.max_ongoing_requests", "greater than or equal to 2"),
         ("model:\n  backend: jax\n", "model.backend", "'jax'"),
     ],
 )

@@ -136,7 +136,9 @@ def run(config: ConfigOpt = None) -> None:
     """The long-running worker: consume requests, caption, publish; SIGTERM drains and commits."""
     from workers import runner
 
-    raise typer.Exit(runner.run(_settings(config)))
+    from deployment.local import local_inference_tier
+
+    raise typer.Exit(runner.run(_settings(config), local_tier=local_inference_tier))
 
 
 @app.command("serve")
@@ -155,7 +157,9 @@ def demo(
     """Embedded everything: upload the samples, submit requests, run the worker, print the results."""
     from workers import runner
 
-    raise typer.Exit(runner.demo(_settings(config), model=model))
+    from deployment.local import local_inference_tier
+
+    raise typer.Exit(runner.demo(_settings(config), model=model, local_tier=local_inference_tier))
 
 
 @app.command()

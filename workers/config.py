@@ -106,6 +106,14 @@ class KafkaConfig(_Section):
         "fetch late when records arrive, so a low value is what keeps light-load latency low",
     )
     commit_interval_s: float = Field(1.0, gt=0)
+    create_topics: bool = Field(
+        True, description="create missing topics at start (local); false in prod, where topics are "
+        "provisioned and the ingest only checks them",
+    )
+    min_input_partitions: int = Field(
+        1, ge=1, description="the ingest refuses to start unless the input topic has at least this many "
+        "partitions (prod: the KEDA ScaledObject's maxReplicaCount)",
+    )
     # TLS / SASL. Secrets come from the environment (CAPTIONER_KAFKA__SASL_PASSWORD), never YAML.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: Path | None = None
@@ -204,14 +212,24 @@ class WorkerConfig(_Section):
 class AutoscalingConfig(_Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
+    initial_replicas: int | None = Field(
+        None, ge=0, description="replicas a new deployment starts with (an upgrade: the steady state)"
+    )
+    target_ongoing_requests: float = Field(
+        2, gt=0, description="calls per replica, not images: the ingest's calls carry up to max_batch_size "
+        "images, so 2 is one batch generating and the next one formed",
+    )
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(120, ge=0)
+    metrics_interval_s: float = Field(10, gt=0, description="how often replicas report their ongoing calls")
+    look_back_period_s: float = Field(30, gt=0, description="the window the autoscaler averages over")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
 
 
@@ -227,10 +245,19 @@ class ReplicasConfig(_Section):
         "flight, in the worker's micro-batcher; an idle worker sends at once",
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="default: 2 × max_batch_size, so full batches can form"
+        None, ge=2, description="calls a replica takes at once; default 2 × max_batch_size, so per-image "
+        "callers (POST /v1/captions) can still fill a batch",
     )
     call_timeout_s: float = Field(
         120.0, gt=0, description="a replica call's total deadline; a hung call is cancelled and retried"
+    )
+    max_queued_requests: int | None = Field(
+        None, ge=1, description="calls each caller may queue when every replica is at "
+        "max_ongoing_requests; beyond it Serve answers 503 and the ingest pauses (None: unbounded)",
+    )
+    endpoint: str | None = Field(
+        None, description="URL of the inference tier's Serve proxy (e.g. http://captioner-serve-svc:8000): "
+        "`captioner run` then calls its batch endpoint over HTTP and starts no Ray",
     )
 
     @field_validator("num_gpus")
@@ -239,15 +266,6 @@ class ReplicasConfig(_Section):
         if v > 1 and v != int(v):
             raise ValueError("above 1, num_gpus must be a whole number")
         return v
-
-    @model_validator(mode="after")
-    def _check_ongoing(self) -> ReplicasConfig:
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
-                f"max_batch_size ({self.max_batch_size}), or batches can never fill"
-            )
-        return self
 
     @property
     def ongoing_requests(self) -> int:
@@ -266,6 +284,14 @@ class RayConfig(_Section):
 class MetricsConfig(_Section):
     port: int = Field(9464, ge=0, le=65535, description="0 disables the /metrics endpoint")
     host: str = "127.0.0.1"
+    health_port: int = Field(
+        0, ge=0, le=65535, description="/livez and /readyz from the poll loop's progress (workers/health.py); 0 disables"
+    )
+    max_poll_gap_s: float = Field(60.0, gt=0, description="not live when the poll loop has not come round for this long")
+    max_stall_s: float = Field(
+        900.0, gt=0, description="not live when the commit watermark has not moved for this long with records open; "
+        "keep it above the ingest's inference retry budget",
+    )
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -304,6 +330,15 @@ class HttpConfig(_Section):
         if any(len(t.get_secret_value()) < 16 for t in v):
             raise ValueError("each token must be at least 16 characters")
         return v
+
+    def token_strings(self) -> list[str]:
+        """Every accepted bearer token: the environment's, then the mounted file's lines. The
+        inference tier checks them; an ingest pod sends the first (the tiers share the Secret)."""
+        tokens = [t.get_secret_value() for t in self.auth_tokens]
+        if self.auth_tokens_file is not None:
+            lines = Path(self.auth_tokens_file).read_text().splitlines()
+            tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return tokens
 
     @model_validator(mode="after")
     def _auth_off_only_locally(self) -> HttpConfig:

@@ -218,3 +218,39 @@ def ensure_topics(
     if created:
         log.info("created topic(s) %s with %d partition(s)", created, partitions)
     return created
+
+
+class TopicNotReady(RuntimeError):
+    """The input topic is missing or has too few partitions for the configured consumers."""
+
+
+def check_input_topic(cfg: KafkaConfig, min_partitions: int, *, timeout_s: float = 30.0) -> int:
+    """The input topic's partition count, or TopicNotReady saying what to provision.
+
+    Production topics are not auto-created: a consumer group larger than the partition count
+    leaves members idle, so the ingest refuses to start below `kafka.min_input_partitions`
+    (the KEDA ScaledObject's maxReplicaCount) instead of silently under-using its pods.
+    """
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(**client_kwargs(cfg), request_timeout_ms=int(timeout_s * 1000) + 1000)
+    try:
+        deadline = time.monotonic() + timeout_s
+        partitions = consumer.partitions_for_topic(cfg.input_topic)
+        while partitions is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            partitions = consumer.partitions_for_topic(cfg.input_topic)
+    finally:
+        consumer.close()
+    if not partitions:
+        raise TopicNotReady(
+            f"input topic {cfg.input_topic!r} does not exist on {cfg.bootstrap_servers}; create it with at "
+            f"least {min_partitions} partitions (kafka.min_input_partitions; topics are not auto-created "
+            "when kafka.create_topics is false)"
+        )
+    if len(partitions) < min_partitions:
+        raise TopicNotReady(
+            f"input topic {cfg.input_topic!r} has {len(partitions)} partition(s); kafka.min_input_partitions "
+            f"asks for at least {min_partitions} (one per ingest pod at KEDA's maxReplicaCount)"
+        )
+    return len(partitions)

@@ -243,6 +243,9 @@ def replica_app(model: ModelConfig, s3: S3Config | None, replicas: ReplicasConfi
         # Before transformers is imported in the replica, or it imports torch too.
         actor_options["runtime_env"] = {"env_vars": dict(TF_ONLY_ENVIRONMENT)}
     options: dict[str, Any] = {"ray_actor_options": actor_options, "max_ongoing_requests": replicas.ongoing_requests}
+    if replicas.max_queued_requests is not None:
+        # Overload comes back to the caller as BackPressureError (HTTP 503): the ingest pauses.
+        options["max_queued_requests"] = replicas.max_queued_requests
     if replicas.autoscaling is not None:
         options["autoscaling_config"] = replicas.autoscaling.model_dump()
     else:

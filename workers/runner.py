@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,61 +94,95 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def deploy_replicas(settings: Settings, *, http: bool = False) -> Any:
-    """Deploy the replica application and return its handle once every replica is ready."""
-    from ray import serve
-
-    from workers.replicas import replica_app
-
-    start_serve(settings, http=http)
-    return serve.run(
-        replica_app(settings.model, settings.s3, settings.replicas),
-        name=f"{settings.ray.app_name}-replicas",
-        route_prefix=None,
-    )
+LocalTier = Callable[[Settings], contextlib.AbstractContextManager[tuple[Settings, str, Any]]]
 
 
 @contextlib.contextmanager
-def running_system(settings: Settings) -> Iterator[tuple[Settings, Any]]:
-    """Embedded servers (where asked), Ray and the replicas, torn down in reverse order."""
+def running_system(settings: Settings, local_tier: LocalTier | None = None) -> Iterator[tuple[Settings, Any]]:
+    """Embedded servers (where asked), the topics, and the inference tier, torn down in reverse.
+
+    The ingest always reaches the replicas the same way: HTTP to the Serve app's batch endpoint
+    (`workers/replica_http.py`). With `replicas.endpoint` set (production) that is the cluster's
+    Serve proxy and this process starts no Ray; without it, `local_tier` (the CLI passes
+    `deployment.local.local_inference_tier`: a local Ray + Serve on loopback) provides one.
+    """
     from workers.embedded import resolve_embedded
-    from workers.kafkaclient import ensure_topics
 
     with resolve_embedded(settings) as embedded:
         settings = embedded.settings
-        kafka = settings.kafka
-        ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic])
-        start_ray(settings.ray)
-        import ray
-        from ray import serve
-
-        if settings.ray.address is not None:
-            # Attach: the cluster's Serve application owns the replicas; use them, and leave
-            # them running when this member exits (KEDA scales these members up and down).
-            from workers.replicas import DEPLOYMENT_NAME
-
+        prepare_topics(settings)
+        if settings.replicas.endpoint is not None:
+            replicas = _http_replicas(settings, settings.replicas.endpoint)
             try:
-                yield settings, serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.ray.app_name)
+                yield settings, replicas
             finally:
-                ray.shutdown()
+                replicas.close()
             return
-        try:
-            yield settings, deploy_replicas(settings)
-        finally:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
+        if local_tier is None:
+            raise ValueError("replicas.endpoint is not set: give the inference tier's URL, or run it locally")
+        with local_tier(settings) as (settings, endpoint, handle):
+            replicas = _http_replicas(settings, endpoint)
+            # Local only: benchmarks read the replica's batch sizes through the Serve handle.
+            replicas.stats = handle.stats  # type: ignore[attr-defined]
+            try:
+                yield settings, replicas
+            finally:
+                replicas.close()
 
 
-def run(settings: Settings) -> int:
+def prepare_topics(settings: Settings) -> None:
+    """Create the topics where that is allowed (local); in any case check the input topic has
+    the partitions the consumer group needs."""
+    from workers.kafkaclient import check_input_topic, ensure_topics
+
+    kafka = settings.kafka
+    if kafka.create_topics:
+        ensure_topics(kafka, [kafka.input_topic], partitions=kafka.min_input_partitions)
+        ensure_topics(kafka, [kafka.output_topic, kafka.dead_letter_topic])
+    check_input_topic(kafka, kafka.min_input_partitions)
+
+
+def _http_replicas(settings: Settings, endpoint: str) -> Any:
+    from workers.replica_http import HttpReplicas
+
+    tokens = settings.http.token_strings() if settings.http.auth == "required" else []
+    return HttpReplicas(endpoint, timeout_s=settings.replicas.call_timeout_s, token=tokens[0] if tokens else None)
+
+
+def local_replica_settings(settings: Settings) -> Settings:
+    """A local replica uses the machine: the ingest needs a few ms of CPU per image (decode,
+    resize; docs/deployment.md), far below one core, so torch gets a thread per core instead
+    of one per reserved CPU."""
+    if settings.model.torch_threads is not None:
+        return settings
+    threads = os.cpu_count() or 1
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"torch_threads": threads})})
+
+
+def watch_progress(pipeline: Any, settings: Settings) -> Any:
+    """Liveness/readiness from the poll loops' progress on metrics.health_port (0: none)."""
+    from workers.health import Health, serve_health
+
+    cfg = settings.metrics
+    if cfg.health_port == 0:
+        return None
+    health = Health(max_poll_gap_s=cfg.max_poll_gap_s, max_stall_s=cfg.max_stall_s)
+    for source in pipeline.sources:  # one member per process in production (kafka.consumers: 1)
+        source.health = health
+    return serve_health(health, cfg.health_port, cfg.host)
+
+
+def run(settings: Settings, local_tier: LocalTier | None = None) -> int:
     """The long-running worker; SIGTERM/SIGINT stop polling, drain, commit, exit 0."""
     from workers.pipeline import Pipeline
 
     metrics.serve_metrics(settings.metrics.port, settings.metrics.host)
     raise_on_stop_signals()
     try:
-        with running_system(settings) as (resolved, replicas):
-            pipeline = Pipeline(resolved, replicas).start()
+        with running_system(settings, local_tier) as (resolved, replicas):
+            pipeline = Pipeline(resolved, replicas)
+            watch_progress(pipeline, resolved)
+            pipeline.start()
             stop = _stop_on_signals(pipeline)
             console.print(
                 f"[bold green]captioner running[/]: {resolved.kafka.input_topic} → {resolved.kafka.output_topic} "
@@ -188,7 +222,9 @@ def pretrained_available(source: str = DEFAULT_MODEL) -> bool:
         return False
 
 
-def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300) -> int:
+def demo(
+    settings: Settings, *, model: str | None = None, timeout_s: float = 300, local_tier: LocalTier | None = None
+) -> int:
     """Embedded everything: upload the samples, submit one request each, caption, print, exit."""
     source = model or (DEFAULT_MODEL if pretrained_available() else TINY_RANDOM)
     settings = settings.model_copy(
@@ -202,13 +238,13 @@ def demo(settings: Settings, *, model: str | None = None, timeout_s: float = 300
     console.print(f"[bold]demo[/]: {len(files)} sample images, model {source}, embedded Kafka + S3 + Ray")
     raise_on_stop_signals()
     try:
-        return _demo(settings, files, timeout_s)
+        return _demo(settings, files, timeout_s, local_tier)
     except Stopped as e:
         console.print(f"[yellow]{e} while starting: stopped what had started[/]")
         return 0
 
 
-def _demo(settings: Settings, files: list[Path], timeout_s: float) -> int:
+def _demo(settings: Settings, files: list[Path], timeout_s: float, local_tier: LocalTier | None) -> int:
     from workers.contract import encode
     from workers.logs import ray_output_as_logs
     from workers.pipeline import Pipeline
@@ -216,7 +252,7 @@ def _demo(settings: Settings, files: list[Path], timeout_s: float) -> int:
     # Ray's own lines (and its shutdown noise) become --verbose logs; the table comes after.
     if settings.ray.address is None:
         local_ray_environment()  # before ray_output_as_logs imports ray
-    with ray_output_as_logs(), running_system(settings) as (resolved, replicas):
+    with ray_output_as_logs(), running_system(settings, local_tier) as (resolved, replicas):
         from kafka import KafkaProducer
 
         from workers.kafkaclient import producer_kwargs

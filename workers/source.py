@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -63,6 +64,7 @@ class KafkaSource:
         self._paused = False
         self._consumer: KafkaConsumer | None = None
         self._consumer_factory = consumer_factory
+        self.health: Any = None  # workers.health.Health, fed from this loop when the runner sets one
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -78,6 +80,8 @@ class KafkaSource:
                 self._apply_backpressure(consumer)
                 free = self.window.free()
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=max(free, 1))
+                if self.health is not None:
+                    self.health.polled(self.tracker.in_flight())
                 for tp, records in batch.items():
                     for record in records:
                         delivery = issue(record, self.tracker, self.window)
@@ -132,6 +136,8 @@ class KafkaSource:
             return
         self.tracker.committed(offsets)
         metrics.COMMITS.labels("ok").inc()
+        if self.health is not None:
+            self.health.committed(self.tracker.in_flight())
 
     # -- rebalance callbacks (kafka-python 3.x runs them on its IO thread: nothing blocking) ---
 

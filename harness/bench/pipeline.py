@@ -112,6 +112,7 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
     from workers.s3 import make_s3_client
     from workers.kafkaclient import client_kwargs, producer_kwargs
     from workers.pipeline import Pipeline
+    from deployment.local import local_inference_tier
     from workers.runner import running_system
 
     console.print(f"[bold]pipeline[/]: embedded Kafka + S3 + Ray, 1 replica, max_batch_size {batch}")
@@ -125,7 +126,7 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
         metrics={"port": 0},
         ray={"temp_dir": str(Path(tempfile.gettempdir()) / "captioner-bench-ray"), "num_cpus": os.cpu_count() or 2},
     )
-    with running_system(settings) as (resolved, replicas):
+    with running_system(settings, local_inference_tier) as (resolved, replicas):
         kafka = resolved.kafka
         bucket = resolved.s3.allowed_buckets[0]
         s3 = make_s3_client(resolved.s3)

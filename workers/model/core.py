@@ -85,6 +85,10 @@ class CaptionModel:
 
 def load_model(cfg: ModelConfig, s3_cfg: S3Config | None = None, device: str | None = None) -> CaptionModel:
     """Resolve `cfg.source` to a directory and load it with `cfg.backend` on `device` (default cfg.device)."""
+    from workers.model.stand_in import StandInModel, is_stand_in, parse_profile
+
+    if is_stand_in(cfg.source):  # no weights: a latency profile for plumbing benchmarks
+        return StandInModel(parse_profile(cfg.source))  # type: ignore[return-value]
     resolved = resolve_model_dir(cfg, s3_cfg)
     device = device or cfg.device
     backend = _load_backend(cfg, resolved.path, device)
