@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_tier import FakeTier
-from kafka_helpers import produce
-from worker_fixtures import (
+from helpers.fake_tier import FakeTier
+from helpers.kafka_helpers import produce
+from helpers.worker_fixtures import (
     collect_outcomes,
     png_bytes,
     request,
@@ -108,8 +108,6 @@ def test_refused_connection_and_503_raise_replicas_unavailable() -> None:
 
 @pytest.mark.kafka
 @pytest.mark.s3
-@pytest.mark.xfail(strict=True, reason="needs issue 10's ReplicaClient: ReplicasUnavailable retried with "
-                   "backoff within worker.inference_retry_budget_s instead of dead-lettered after 2 attempts")
 def test_transport_failures_pause_and_never_dead_letter(broker, s3_server, monkeypatch) -> None:
     """Refused, 503 and stalled calls: partitions pause, nothing is dead-lettered or lost, and
     the ingest catches up once the endpoint answers again."""
@@ -122,7 +120,7 @@ def test_transport_failures_pause_and_never_dead_letter(broker, s3_server, monke
     tier = FakeTier(free_port()).start()
     settings = worker_settings(
         broker.bootstrap_servers, s3_server,
-        worker=WorkerConfig(max_in_flight=8, drain_timeout_s=30, revoke_grace_s=5, cache_size=0),
+        worker=WorkerConfig(max_in_flight=8, drain_timeout_s=30, revoke_grace_s=2, cache_size=0),
         replicas=ReplicasConfig(max_batch_size=4, batch_wait_timeout_s=0.01),
     )
     kafka = settings.kafka

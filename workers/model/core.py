@@ -8,7 +8,6 @@ the same decoder start token, so there is no padding to leak between rows).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +16,11 @@ import numpy as np
 from workers.config import ModelConfig, S3Config
 from workers.model.backend import Backend
 from workers.model.loading import resolve_model_dir
+from workers.model.outputs import CaptionOutput, ModelInfo
 from workers.params import GenerationParams
 from workers.model.preprocess import PreprocessSpec, normalize, spec_from_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    backend: str
-    untrained: bool
-    spec: PreprocessSpec
-
-    def as_record(self) -> dict[str, Any]:
-        """The `model` field of a result record."""
-        return {"name": self.name, "backend": self.backend, "untrained": self.untrained}
-
-
-@dataclass(frozen=True)
-class CaptionOutput:
-    """One image's captions (n_return_sequences of them, best first)."""
-
-    captions: list[str]
-    token_ids: list[list[int]]  # generated tokens only: no decoder start, nothing from end-of-text on
-    scores: list[float] | None = None  # beam search's sequence scores, else None
 
 
 class CaptionModel:

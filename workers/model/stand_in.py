@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.model.core import CaptionOutput, ModelInfo
+from workers.model.outputs import CaptionOutput, ModelInfo
 from workers.model.preprocess import PreprocessSpec
 from workers.params import GenerationParams
 
