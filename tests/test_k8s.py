@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).parent / "data" / "crds"
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 K8S_VERSION = "1.32.0"  # a version kubernetes-validate ships; the oldest we support
-SECRETS = {"captioner-kafka", "captioner-s3", "captioner-redis"}  # created by the operator (docs/deployment.md)
+SECRETS = {"captioner-kafka", "captioner-s3", "captioner-redis", "captioner-http"}  # created by the operator (docs/deployment.md)
 CUSTOM = {"RayService", "ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule"}
 
 KUBECTL = shutil.which("kubectl")
@@ -302,7 +302,7 @@ def _settings(docs, monkeypatch):
     for _, c, _ in containers(docs):
         for e in c.get("env", []):
             if "secretKeyRef" in e.get("valueFrom", {}):
-                monkeypatch.setenv(e["name"], "from-secret")
+                monkeypatch.setenv(e["name"], "from-a-secret-0123456789")  # long enough for a token
     _, text = overlay_settings(docs)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
