@@ -54,6 +54,8 @@ PARTITIONS = 4
 # measured E = 0.60: the machine, not the profile, was the bound. Half the rate leaves it room,
 # so the replicas' profile is what bounds each run, as GPUs would.
 PROFILE = LatencyProfile(3000, 4)
+# The quick form (CI) checks consistency, not speed: a short profile keeps it short.
+QUICK_PROFILE = LatencyProfile(300, 1)
 AUTOSCALE_PROFILE = LatencyProfile(200, 1)
 APP = "scale-bench"
 PREFIX = "/scale"
@@ -102,6 +104,25 @@ def _cpu_times() -> tuple[float, float]:
 def _process_cpu_s(pid: int) -> float:
     parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _all_process_cpu() -> dict[str, float]:
+    """CPU seconds per process name (comm; Ray actors show as ray::...), every process here."""
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        parts = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def top_cpu(before: dict[str, float], after: dict[str, float], n: int = 6) -> str:
+    used = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)[:n]
+    return ", ".join(f"{name} {seconds:.1f}s" for seconds, name in used)
 
 
 def cpu_line() -> str:
@@ -294,6 +315,7 @@ def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], c
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         ids = [f"r{i}" for i in range(count)]
         busy0, total0 = _cpu_times()
+        procs0 = _all_process_cpu()
         ingest0 = sum(_process_cpu_s(m.proc.pid) for m in members)
         start = time.perf_counter()
         for i, rid in enumerate(ids):
@@ -302,6 +324,7 @@ def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], c
         producer.close()
         seen, dead, end = _collect(kafka, set(ids))
         busy1, total1 = _cpu_times()
+        console.print(f"    CPU by process during {ingests}x{ingests}: {top_cpu(procs0, _all_process_cpu())}")
         ingest_cpu = sum(_process_cpu_s(m.proc.pid) for m in members) - ingest0
     except BaseException:
         for m in members:
@@ -417,11 +440,12 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
 
     console = console or Console()
     report = ScaleReport()
+    profile = QUICK_PROFILE if quick else PROFILE
     console.print(f"[bold]bench scale[/] on {cpu_line()}; load average {os.getloadavg()[0]:.1f} "
                   "(machine CPU below includes anything else running here)")
     console.print(NOTE)
-    console.print(f"profile {PROFILE.source}: {PROFILE.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
-                  f"{BATCH * 1000 / PROFILE.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions")
+    console.print(f"profile {profile.source}: {profile.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
+                  f"{BATCH * 1000 / profile.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions")
     report.wire = wire_costs()
     for name, (size, ms) in report.wire.items():
         console.print(f"  wire {name:26s} {size / 1000:8.1f} kB/image  {ms:6.2f} ms CPU/image")
@@ -435,7 +459,7 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
         base = Settings(s3=s3.s3_config(allowed_buckets=["images"]), metrics={"port": 0})
         per = 32 if quick else 160
         for n in ([1, 2] if quick else [1, 2, 4]):
-            _deploy(_replica_settings(base, PROFILE, n))
+            _deploy(_replica_settings(base, profile, n))
             result, members = _phase(broker, s3, endpoint, n, uris, per * n, workdir, console)
             result.replicas = n
             for m in members:
