@@ -38,7 +38,8 @@ def test_scale_bench_quick_answers_every_request_once(broker, s3_server, scale_a
 
 
 def test_serve_autoscaling_goes_up_under_a_backlog_and_back_down(s3_server, scale_app):
-    from harness.bench.scale import PREFIX, autoscale
+    from harness.bench.autoscale import autoscale
+    from harness.bench.scale import PREFIX
 
     base = Settings(s3=s3_server.s3_config(allowed_buckets=["images"]), metrics={"port": 0})
     timeline = autoscale(scale_app + PREFIX, base, max_replicas=2, callers=4, hold_s=60)

@@ -20,7 +20,6 @@ Also the wire format's cost (bytes and CPU per image) for what the batch endpoin
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import io
@@ -42,7 +41,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from workers.config import AutoscalingConfig, ModelConfig, ReplicasConfig, Settings
+from workers.config import ModelConfig, ReplicasConfig, Settings
 from workers.model.stand_in import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +55,6 @@ PARTITIONS = 4
 PROFILE = LatencyProfile(3000, 4)
 # The quick form (CI) checks consistency, not speed: a short profile keeps it short.
 QUICK_PROFILE = LatencyProfile(300, 1)
-AUTOSCALE_PROFILE = LatencyProfile(200, 1)
 APP = "scale-bench"
 PREFIX = "/scale"
 NOTE = "[bold yellow]stand-in model[/]: replicas sleep a fixed latency profile — this measures the plumbing, not the model"
@@ -188,7 +186,7 @@ def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
 # -- the inference tier on local Ray -----------------------------------------------------------
 
 
-def _deploy(settings: Settings) -> None:
+def deploy_app(settings: Settings) -> None:
     from ray import serve
 
     from deployment.app import application
@@ -196,7 +194,7 @@ def _deploy(settings: Settings) -> None:
     serve.run(application(settings, ingest=False), name=APP, route_prefix=PREFIX)
 
 
-def _replica_settings(base: Settings, profile: LatencyProfile, replicas: int, **extra: Any) -> Settings:
+def replica_settings(base: Settings, profile: LatencyProfile, replicas: int, **extra: Any) -> Settings:
     return base.model_copy(update={
         "model": ModelConfig(source=profile.source),
         "replicas": ReplicasConfig(num_replicas=replicas, num_gpus=1, num_cpus=0, max_batch_size=BATCH,
@@ -377,58 +375,6 @@ def _upload_small_images(s3: Any, count: int = 64) -> list[str]:
     return uris
 
 
-# -- autoscaling on real Serve ----------------------------------------------------------------
-
-
-def autoscale(endpoint: str, base: Settings, *, max_replicas: int, callers: int, hold_s: float = 60,
-              profile: LatencyProfile = AUTOSCALE_PROFILE) -> list[tuple[float, int, bool]]:
-    """Deploy autoscaling stand-in replicas (min 1), keep `callers` back-to-back batch calls going
-    until the count reaches `max_replicas` (or `hold_s`), then stop and watch it come back to 1.
-    Returns (seconds, running replicas, load on) samples."""
-    from ray import serve
-
-    from workers.params import GenerationParams
-    from workers.replica_http import HttpReplicas
-    from workers.replicas import DEPLOYMENT_NAME
-
-    auto = AutoscalingConfig(min_replicas=1, initial_replicas=1, max_replicas=max_replicas, target_ongoing_requests=1,
-                             upscale_delay_s=0.5, downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1)
-    _deploy(_replica_settings(base, profile, 1, autoscaling=auto))
-
-    def running() -> int:
-        states = serve.status().applications[APP].deployments[DEPLOYMENT_NAME].replica_states
-        return int(states.get("RUNNING", 0))
-
-    timeline: list[tuple[float, int, bool]] = []
-    start = time.monotonic()
-    items = [(np.zeros((224, 224, 3), np.uint8), GenerationParams())] * BATCH
-
-    async def load(stop: asyncio.Event) -> None:
-        replicas = HttpReplicas(endpoint, timeout_s=30)
-
-        async def caller() -> None:
-            while not stop.is_set():
-                with contextlib.suppress(Exception):  # 503s while scaling are expected; keep the backlog
-                    await replicas.caption_many.remote(items)
-
-        tasks = [asyncio.create_task(caller()) for _ in range(callers)]
-        while time.monotonic() - start < hold_s and running() < max_replicas:
-            timeline.append((time.monotonic() - start, running(), True))
-            await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.gather(*tasks)
-        await replicas.aclose()
-
-    asyncio.run(load(asyncio.Event()))
-    deadline = time.monotonic() + hold_s
-    while time.monotonic() < deadline:
-        timeline.append((time.monotonic() - start, running(), False))
-        if timeline[-1][1] == 1 and any(n == max_replicas for _, n, _ in timeline):
-            break
-        time.sleep(0.5)
-    return timeline
-
-
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -459,7 +405,7 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
         base = Settings(s3=s3.s3_config(allowed_buckets=["images"]), metrics={"port": 0})
         per = 32 if quick else 160
         for n in ([1, 2] if quick else [1, 2, 4]):
-            _deploy(_replica_settings(base, profile, n))
+            deploy_app(replica_settings(base, profile, n))
             result, members = _phase(broker, s3, endpoint, n, uris, per * n, workdir, console)
             result.replicas = n
             for m in members:
@@ -473,6 +419,8 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
         if not quick:
             report.ingest_pod = _ingest_pod(broker, s3, endpoint, base, workdir, console)
             console.print("[bold]Serve autoscaling[/] (stand-in 200+1, target 1 call per replica, max 4):")
+            from harness.bench.autoscale import autoscale
+
             report.autoscale = autoscale(endpoint, base, max_replicas=4, callers=8)
             for t, count, on in report.autoscale[::2]:
                 console.print(f"  t={t:5.1f} s  replicas {count}  {'backlog' if on else 'idle'}")
@@ -499,7 +447,7 @@ def _ingest_pod(broker: Any, s3: Any, endpoint: str, base: Settings, workdir: Pa
     for p in sorted(SAMPLES.glob("*.jpg")):
         client.put_object(Bucket="images", Key=f"photos/{p.name}", Body=p.read_bytes())
         uris.append(f"s3://images/photos/{p.name}")
-    _deploy(_replica_settings(base, LatencyProfile(0, 0), 4))
+    deploy_app(replica_settings(base, LatencyProfile(0, 0), 4))
     result, members = _phase(broker, s3, endpoint, 1, uris, 600, workdir, console)
     for m in members:
         m.stop()
