@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from harness.bench.scale import APP, BATCH, deploy_app, replica_settings
+from harness.bench.serve_app import APP, BATCH, deploy_app, replica_settings
 from workers.config import AutoscalingConfig, Settings
 from workers.model.stand_in import LatencyProfile
 

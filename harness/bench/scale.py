@@ -41,12 +41,13 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from workers.config import ModelConfig, ReplicasConfig, Settings
+from harness.bench.autoscale import autoscale
+from harness.bench.serve_app import APP, BATCH, PREFIX, deploy_app, replica_settings
+from workers.config import ReplicasConfig, Settings
 from workers.model.stand_in import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "workers" / "samples"
-BATCH = 16
 PARTITIONS = 4
 # 3000 ms + 4 ms/image: a 16-image batch takes 3.06 s, 5.2 img/s per replica, ~21 img/s at 4x4.
 # At 1500+2 (10.4 img/s per replica) 4x4 drove this shared 2-core machine to 96 % CPU and
@@ -55,8 +56,6 @@ PARTITIONS = 4
 PROFILE = LatencyProfile(3000, 4)
 # The quick form (CI) checks consistency, not speed: a short profile keeps it short.
 QUICK_PROFILE = LatencyProfile(300, 1)
-APP = "scale-bench"
-PREFIX = "/scale"
 NOTE = "[bold yellow]stand-in model[/]: replicas sleep a fixed latency profile — this measures the plumbing, not the model"
 
 
@@ -184,22 +183,6 @@ def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
 
 
 # -- the inference tier on local Ray -----------------------------------------------------------
-
-
-def deploy_app(settings: Settings) -> None:
-    from ray import serve
-
-    from deployment.app import application
-
-    serve.run(application(settings, ingest=False), name=APP, route_prefix=PREFIX)
-
-
-def replica_settings(base: Settings, profile: LatencyProfile, replicas: int, **extra: Any) -> Settings:
-    return base.model_copy(update={
-        "model": ModelConfig(source=profile.source),
-        "replicas": ReplicasConfig(num_replicas=replicas, num_gpus=1, num_cpus=0, max_batch_size=BATCH,
-                                   batch_wait_timeout_s=0.01, **extra),
-    })
 
 
 @contextlib.contextmanager
@@ -419,8 +402,6 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
         if not quick:
             report.ingest_pod = _ingest_pod(broker, s3, endpoint, base, workdir, console)
             console.print("[bold]Serve autoscaling[/] (stand-in 200+1, target 1 call per replica, max 4):")
-            from harness.bench.autoscale import autoscale
-
             report.autoscale = autoscale(endpoint, base, max_replicas=4, callers=8)
             for t, count, on in report.autoscale[::2]:
                 console.print(f"  t={t:5.1f} s  replicas {count}  {'backlog' if on else 'idle'}")
