@@ -20,7 +20,6 @@ Also the wire format's cost (bytes and CPU per image) for what the batch endpoin
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import io
@@ -42,21 +41,21 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from workers.config import AutoscalingConfig, ModelConfig, ReplicasConfig, Settings
+from harness.bench.autoscale import autoscale
+from harness.bench.serve_app import APP, BATCH, PREFIX, deploy_app, replica_settings
+from workers.config import ReplicasConfig, Settings
 from workers.model.stand_in import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "workers" / "samples"
-BATCH = 16
 PARTITIONS = 4
 # 3000 ms + 4 ms/image: a 16-image batch takes 3.06 s, 5.2 img/s per replica, ~21 img/s at 4x4.
 # At 1500+2 (10.4 img/s per replica) 4x4 drove this shared 2-core machine to 96 % CPU and
 # measured E = 0.60: the machine, not the profile, was the bound. Half the rate leaves it room,
 # so the replicas' profile is what bounds each run, as GPUs would.
 PROFILE = LatencyProfile(3000, 4)
-AUTOSCALE_PROFILE = LatencyProfile(200, 1)
-APP = "scale-bench"
-PREFIX = "/scale"
+# The quick form (CI) checks consistency, not speed: a short profile keeps it short.
+QUICK_PROFILE = LatencyProfile(300, 1)
 NOTE = "[bold yellow]stand-in model[/]: replicas sleep a fixed latency profile — this measures the plumbing, not the model"
 
 
@@ -102,6 +101,25 @@ def _cpu_times() -> tuple[float, float]:
 def _process_cpu_s(pid: int) -> float:
     parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _all_process_cpu() -> dict[str, float]:
+    """CPU seconds per process name (comm; Ray actors show as ray::...), every process here."""
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        parts = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def top_cpu(before: dict[str, float], after: dict[str, float], n: int = 6) -> str:
+    used = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)[:n]
+    return ", ".join(f"{name} {seconds:.1f}s" for seconds, name in used)
 
 
 def cpu_line() -> str:
@@ -165,22 +183,6 @@ def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
 
 
 # -- the inference tier on local Ray -----------------------------------------------------------
-
-
-def _deploy(settings: Settings) -> None:
-    from ray import serve
-
-    from deployment.app import application
-
-    serve.run(application(settings, ingest=False), name=APP, route_prefix=PREFIX)
-
-
-def _replica_settings(base: Settings, profile: LatencyProfile, replicas: int, **extra: Any) -> Settings:
-    return base.model_copy(update={
-        "model": ModelConfig(source=profile.source),
-        "replicas": ReplicasConfig(num_replicas=replicas, num_gpus=1, num_cpus=0, max_batch_size=BATCH,
-                                   batch_wait_timeout_s=0.01, **extra),
-    })
 
 
 @contextlib.contextmanager
@@ -294,6 +296,7 @@ def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], c
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         ids = [f"r{i}" for i in range(count)]
         busy0, total0 = _cpu_times()
+        procs0 = _all_process_cpu()
         ingest0 = sum(_process_cpu_s(m.proc.pid) for m in members)
         start = time.perf_counter()
         for i, rid in enumerate(ids):
@@ -302,6 +305,7 @@ def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], c
         producer.close()
         seen, dead, end = _collect(kafka, set(ids))
         busy1, total1 = _cpu_times()
+        console.print(f"    CPU by process during {ingests}x{ingests}: {top_cpu(procs0, _all_process_cpu())}")
         ingest_cpu = sum(_process_cpu_s(m.proc.pid) for m in members) - ingest0
     except BaseException:
         for m in members:
@@ -354,58 +358,6 @@ def _upload_small_images(s3: Any, count: int = 64) -> list[str]:
     return uris
 
 
-# -- autoscaling on real Serve ----------------------------------------------------------------
-
-
-def autoscale(endpoint: str, base: Settings, *, max_replicas: int, callers: int, hold_s: float = 60,
-              profile: LatencyProfile = AUTOSCALE_PROFILE) -> list[tuple[float, int, bool]]:
-    """Deploy autoscaling stand-in replicas (min 1), keep `callers` back-to-back batch calls going
-    until the count reaches `max_replicas` (or `hold_s`), then stop and watch it come back to 1.
-    Returns (seconds, running replicas, load on) samples."""
-    from ray import serve
-
-    from workers.params import GenerationParams
-    from workers.replica_http import HttpReplicas
-    from workers.replicas import DEPLOYMENT_NAME
-
-    auto = AutoscalingConfig(min_replicas=1, initial_replicas=1, max_replicas=max_replicas, target_ongoing_requests=1,
-                             upscale_delay_s=0.5, downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1)
-    _deploy(_replica_settings(base, profile, 1, autoscaling=auto))
-
-    def running() -> int:
-        states = serve.status().applications[APP].deployments[DEPLOYMENT_NAME].replica_states
-        return int(states.get("RUNNING", 0))
-
-    timeline: list[tuple[float, int, bool]] = []
-    start = time.monotonic()
-    items = [(np.zeros((224, 224, 3), np.uint8), GenerationParams())] * BATCH
-
-    async def load(stop: asyncio.Event) -> None:
-        replicas = HttpReplicas(endpoint, timeout_s=30)
-
-        async def caller() -> None:
-            while not stop.is_set():
-                with contextlib.suppress(Exception):  # 503s while scaling are expected; keep the backlog
-                    await replicas.caption_many.remote(items)
-
-        tasks = [asyncio.create_task(caller()) for _ in range(callers)]
-        while time.monotonic() - start < hold_s and running() < max_replicas:
-            timeline.append((time.monotonic() - start, running(), True))
-            await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.gather(*tasks)
-        await replicas.aclose()
-
-    asyncio.run(load(asyncio.Event()))
-    deadline = time.monotonic() + hold_s
-    while time.monotonic() < deadline:
-        timeline.append((time.monotonic() - start, running(), False))
-        if timeline[-1][1] == 1 and any(n == max_replicas for _, n, _ in timeline):
-            break
-        time.sleep(0.5)
-    return timeline
-
-
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -417,11 +369,12 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
 
     console = console or Console()
     report = ScaleReport()
+    profile = QUICK_PROFILE if quick else PROFILE
     console.print(f"[bold]bench scale[/] on {cpu_line()}; load average {os.getloadavg()[0]:.1f} "
                   "(machine CPU below includes anything else running here)")
     console.print(NOTE)
-    console.print(f"profile {PROFILE.source}: {PROFILE.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
-                  f"{BATCH * 1000 / PROFILE.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions")
+    console.print(f"profile {profile.source}: {profile.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
+                  f"{BATCH * 1000 / profile.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions")
     report.wire = wire_costs()
     for name, (size, ms) in report.wire.items():
         console.print(f"  wire {name:26s} {size / 1000:8.1f} kB/image  {ms:6.2f} ms CPU/image")
@@ -435,7 +388,7 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
         base = Settings(s3=s3.s3_config(allowed_buckets=["images"]), metrics={"port": 0})
         per = 32 if quick else 160
         for n in ([1, 2] if quick else [1, 2, 4]):
-            _deploy(_replica_settings(base, PROFILE, n))
+            deploy_app(replica_settings(base, profile, n))
             result, members = _phase(broker, s3, endpoint, n, uris, per * n, workdir, console)
             result.replicas = n
             for m in members:
@@ -475,7 +428,7 @@ def _ingest_pod(broker: Any, s3: Any, endpoint: str, base: Settings, workdir: Pa
     for p in sorted(SAMPLES.glob("*.jpg")):
         client.put_object(Bucket="images", Key=f"photos/{p.name}", Body=p.read_bytes())
         uris.append(f"s3://images/photos/{p.name}")
-    _deploy(_replica_settings(base, LatencyProfile(0, 0), 4))
+    deploy_app(replica_settings(base, LatencyProfile(0, 0), 4))
     result, members = _phase(broker, s3, endpoint, 1, uris, 600, workdir, console)
     for m in members:
         m.stop()
