@@ -30,6 +30,7 @@ from helpers.worker_fixtures import (
 from workers.config import HttpConfig, LimitsConfig, MetricsConfig, ModelConfig
 from workers.contract import ErrorCode
 from workers.embedded import wait_until
+from workers.replica_wire import INFO_PATH
 from workers.kafkaclient import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray]
@@ -237,17 +238,18 @@ def test_batch_endpoint_answers_prepared_images_in_order(deployed):
     )
 
     deployed.ready()
-    info = requests.get(f"{deployed.url}{INFO_PATH}", timeout=30).json()
+    assert requests.get(f"{deployed.url}{INFO_PATH}", timeout=30).status_code == 401, "the token is required"
+    info = requests.get(f"{deployed.url}{INFO_PATH}", headers=AUTH, timeout=30).json()
     assert (info["height"], info["width"]) == (32, 32) and info["model"]["untrained"] is True
     rng = np.random.default_rng(7)
     items = [(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), GenerationParams(beam_size=b)) for b in (1, 2, 1)]
     response = requests.post(f"{deployed.url}{BATCH_PATH}", data=encode_batch(items),
-                             headers={"content-type": CONTENT_TYPE}, timeout=60)
+                             headers={"content-type": CONTENT_TYPE, **AUTH}, timeout=60)
     assert response.status_code == 200, response.text
     answers = decode_answers(response.json(), 3)
     assert all(a.captions and a.error is None for a in answers)
-    bad = requests.post(f"{deployed.url}{BATCH_PATH}", data=b"\0\0\0\xffnope", headers={"content-type": CONTENT_TYPE},
-                        timeout=30)
+    bad = requests.post(f"{deployed.url}{BATCH_PATH}", data=b"\0\0\0\xffnope",
+                        headers={"content-type": CONTENT_TYPE, **AUTH}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_message"
 
 
@@ -260,7 +262,7 @@ def test_the_ingest_consumes_kafka_through_the_batch_endpoint(deployed, broker, 
     kafka = deployed.settings.kafka
     uris = [upload(s3_server, f"ingest/{i}.png", png_bytes(600 + i)) for i in range(4)]
     produce(kafka.bootstrap_servers, kafka.input_topic, [request(u, id=f"k{i}") for i, u in enumerate(uris)])
-    replicas = HttpReplicas(deployed.url, timeout_s=60)
+    replicas = HttpReplicas(deployed.url, timeout_s=60, token=TOKEN)
     pipeline = Pipeline(deployed.settings, replicas).start()
     try:
         results, dead = collect_outcomes(kafka, len(uris), timeout=120)
