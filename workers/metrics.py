@@ -33,6 +33,11 @@ COMMITS = Counter("captioner_commits_total", "Offset commits sent", ["result"])
 REBALANCES = Counter("captioner_rebalances_total", "Partitions assigned or revoked", ["event"])
 PRODUCE_ERRORS = Counter("captioner_produce_errors_total", "Records the broker did not acknowledge")
 INFERENCE_RETRIES = Counter("captioner_inference_retries_total", "Replica calls retried")
+ENGINE_FALLBACKS = Counter(
+    "captioner_engine_fallbacks_total",
+    "Images the decoding engine handed to transformers' generate, by why (sampling, max_output_length, model)",
+    ["reason"],
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None

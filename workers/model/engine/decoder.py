@@ -14,6 +14,7 @@ projection (GPT-2's Conv1D included) for dynamically quantised `nn.Linear`.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,14 @@ class FastDecoder(nn.Module):
                 for name, child in list(layer.named_children()):
                     if isinstance(child, Projection):
                         setattr(layer, name, child.to_linear())
-            from torch.ao.quantization import quantize_dynamic
+            with warnings.catch_warnings():
+                # torch.ao's eager dynamic quantisation is deprecated in favour of torchao, which
+                # is not a dependency; it still works on torch 2.x and is what this needs.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+                from torch.ao.quantization import quantize_dynamic
 
-            return quantize_dynamic(quantised, {nn.Linear}, dtype=torch.qint8)
+                return quantize_dynamic(quantised, {nn.Linear}, dtype=torch.qint8)
         if dtype == torch.float32 and device.type == "cpu" and self.wte.weight.device.type == "cpu":
             return self
         return copy.deepcopy(self).to(device=device, dtype=dtype)

@@ -80,6 +80,7 @@ class Scheduler:
         self.lanes: dict[int, Lane] = {}
         self._lock = threading.Lock()
         self.steps = 0
+        self.joined_mid_flight = 0  # images admitted while others were decoding
 
     def submit(self, request: Request) -> Future:
         with self._lock:
@@ -130,6 +131,8 @@ class Scheduler:
             for _, request in admitted:
                 request.future.set_exception(e)
             return
+        if lane.in_flight():
+            self.joined_mid_flight += len(admitted)
         for slot, request in admitted:
             lane.seat(slot, request)
 
