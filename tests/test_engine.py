@@ -32,10 +32,10 @@ PARAMS = {
 }
 # Beam-search settings transformers takes from the generation config: (overrides, generate kwargs).
 SEARCH_SETTINGS = {
-    "length_penalty_short": dict(length_penalty=-0.5),
-    "length_penalty_long": dict(length_penalty=2.0),
-    "early_stopping": dict(early_stopping=True),
-    "early_stopping_never": dict(early_stopping="never", length_penalty=1.5),
+    "length_penalty_short": {"length_penalty": -0.5},
+    "length_penalty_long": {"length_penalty": 2.0},
+    "early_stopping": {"early_stopping": True},
+    "early_stopping_never": {"early_stopping": "never", "length_penalty": 1.5},
 }
 
 
@@ -220,3 +220,17 @@ def test_decode_spec_defaults_come_from_the_generation_config(hf_model) -> None:
         beams=3, max_new_tokens=16, min_new_tokens=1, n_return=2,
         length_penalty=hf_model.generation_config.length_penalty, early_stopping=hf_model.generation_config.early_stopping,
     )
+
+
+@pytest.mark.slow
+def test_full_size_model_is_token_identical(tmp_path) -> None:
+    """The reference architecture (239 M parameters, random weights): beam 2 and greedy, one
+    image joining mid-flight."""
+    from workers.model.architectures import random_model
+
+    model = random_model("full", 50257, seed=0).eval()
+    pixels = torch.from_numpy(np.random.default_rng(5).standard_normal((3, 3, 224, 224)).astype(np.float32))
+    for params in (GenerationParams(beam_size=2, max_output_length=6), GenerationParams(beam_size=1, max_output_length=6)):
+        engine = CaptionEngine(model, max_images=2)
+        assert_identical(model, staggered(engine, pixels, params), pixels, params)
+        assert engine.scheduler.joined_mid_flight > 0

@@ -43,6 +43,10 @@ class EngineBackend:
         self.engine = engine
         self.device = f"{fallback.device} (engine, {engine.precision.name})"
 
+    @property
+    def model(self):  # the float32 VisionEncoderDecoderModel (what `generate` falls back to)
+        return self.fallback.model
+
     @classmethod
     def from_directory(
         cls, path: Path, device: str | None = None, torch_threads: int | None = None, precision: str = "auto", max_images: int = 32
@@ -67,7 +71,7 @@ class EngineBackend:
             future: Future = Future()
             try:
                 future.set_result(self.fallback.generate(pixels[None], params))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - the caller gets it from the future
                 future.set_exception(e)
             return future
         self.engine.start()

@@ -147,7 +147,7 @@ class FastDecoder(nn.Module):
     def allocate(self, rows: int, slots: int, length: int, encoder_length: int) -> Caches:
         shape_self = (self.n_layer, rows, self.n_head, length, self.head_dim)
         shape_cross = (self.n_layer, slots, self.n_head, encoder_length, self.head_dim)
-        kw = dict(dtype=self.dtype, device=self.device)
+        kw = {"dtype": self.dtype, "device": self.device}
         return Caches(
             torch.zeros(shape_self, **kw), torch.zeros(shape_self, **kw),
             torch.zeros(shape_cross, **kw), torch.zeros(shape_cross, **kw),

@@ -45,6 +45,7 @@ class CaptionEngine:
         precision: str = "float32",
         max_images: int = 32,
         max_new_tokens: int = 64,
+        cuda_graphs: bool = False,
     ):
         self.device = torch.device(device)
         self.precision: Resolved = resolve(precision, self.device)
@@ -65,9 +66,14 @@ class CaptionEngine:
         if self.model_problem is None:
             with torch.inference_mode():
                 decoder = FastDecoder(model).converted(self.precision.dtype, self.device, self.precision.int8)
+            graphs = None
+            if cuda_graphs and self.device.type == "cuda":
+                from workers.model.engine.cuda_graphs import GraphedSteps
+
+                graphs = GraphedSteps(decoder)
             self.scheduler = Scheduler(
                 decoder.eval(), tokens=self.tokens, image_size=config.encoder.image_size,
-                max_images=max_images, max_new_tokens=self.max_new_tokens,
+                max_images=max_images, max_new_tokens=self.max_new_tokens, graphs=graphs,
             )
         else:
             log.warning("engine cannot decode this model (%s): every request goes to generate", self.model_problem)
@@ -107,11 +113,11 @@ class CaptionEngine:
     def spec(self, params: GenerationParams, **overrides: Any) -> DecodeSpec:
         """The search `generate` would run for `params` on this model (length penalty and early
         stopping from its generation config unless overridden)."""
-        fields = dict(
-            beams=params.beam_size, max_new_tokens=params.max_output_length, min_new_tokens=params.min_output_length,
-            repetition_penalty=params.repetition_penalty, no_repeat_ngram_size=params.no_repeat_ngram_size,
-            n_return=params.n_return_sequences, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
-        )
+        fields = {
+            "beams": params.beam_size, "max_new_tokens": params.max_output_length, "min_new_tokens": params.min_output_length,
+            "repetition_penalty": params.repetition_penalty, "no_repeat_ngram_size": params.no_repeat_ngram_size,
+            "n_return": params.n_return_sequences, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
+        }
         fields.update(overrides)
         return DecodeSpec(**fields)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -71,8 +72,12 @@ class Lane:
 class Scheduler:
     """Owns the lanes; `submit` is thread-safe, `step` runs on one thread at a time."""
 
-    def __init__(self, decoder: FastDecoder, *, tokens: dict[str, int], image_size: int, max_images: int, max_new_tokens: int):
+    def __init__(
+        self, decoder: FastDecoder, *, tokens: dict[str, int], image_size: int, max_images: int, max_new_tokens: int,
+        graphs: Callable[[Lane, int], torch.Tensor] | None = None,
+    ):
         self.decoder = decoder
+        self.graphs = graphs  # CUDA graphs of the step (cuda_graphs.GraphedSteps), or None
         self.tokens = tokens
         self.max_images = max_images
         self.length = 1 + max_new_tokens  # static cache length: start token + the longest caption
@@ -127,7 +132,7 @@ class Scheduler:
             slots = torch.tensor([s for s, _ in admitted], device=self.decoder.device)
             encoded = self.decoder.encode(pixels)
             self.decoder.fill_cross(lane.caches, slots, encoded)
-        except Exception as e:  # a bad image batch fails its requests, not the loop
+        except Exception as e:  # noqa: BLE001 - a bad image batch fails its requests, not the loop
             for _, request in admitted:
                 request.future.set_exception(e)
             return
@@ -140,8 +145,12 @@ class Scheduler:
         k = lane.beams
         rows = lane.high_water() * k
         positions = lane.positions[:rows]
-        kv_length = int(positions.max()) + 1
-        logits = self.decoder.step(lane.tokens[:rows], positions, lane.caches, k, kv_length)
+        if self.graphs is not None:  # static shapes: the whole cache length, no host sync
+            kv_length = self.length
+            logits = self.graphs(lane, rows // k)
+        else:  # only the positions in use: less to read on CPU
+            kv_length = int(positions.max()) + 1
+            logits = self.decoder.step(lane.tokens[:rows], positions, lane.caches, k, kv_length)
         tokens, source_rows, done = lane.search.advance(logits)
         if source_rows is not None:
             lane.caches.reorder_rows(source_rows, kv_length)

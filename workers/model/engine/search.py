@@ -88,7 +88,7 @@ class BeamSearch:
     def __init__(self, slots: int, beams: int, length: int, eos: int, pad: int, device: torch.device):
         self.beams, self.eos, self.pad = beams, eos, pad
         self.keep = 2 * beams  # max(2, 1 + number of eos tokens) · beams, one eos token
-        kw = dict(device=device)
+        kw = {"device": device}
         self.running = torch.full((slots, beams, length), pad, dtype=torch.int64, **kw)
         self.sequences = self.running.clone()
         self.running_scores = torch.zeros(slots, beams, **kw)
