@@ -3,7 +3,7 @@ or wrong, so precision modes can be judged by more than agreement on noise).
 
 A scene is a group of one to three equal shapes (same colour) and one other shape, placed on
 either side of the image's midline; the caption names both and where the group is relative to
-the single shape: "two red circles above a blue square", "a green triangle left of a yellow
+the single shape (with one shape on each side, the top or left one is named first): "two red circles above a blue square", "a green triangle left of a yellow
 circle". Everything is drawn from a seeded generator: the same seed gives the same images.
 """
 
@@ -39,11 +39,15 @@ class Scene:
 
 def random_scene(rng: np.random.Generator) -> Scene:
     colours = list(COLOURS)
+    count = int(rng.integers(1, 4))
+    # With one shape on each side either could be named first; naming the top or left one first
+    # ("above", "left of") makes the caption a function of the image.
+    relations = RELATIONS if count > 1 else ("above", "left of")
     return Scene(
-        count=int(rng.integers(1, 4)),
+        count=count,
         colour=colours[rng.integers(len(colours))],
         shape=SHAPES[rng.integers(len(SHAPES))],
-        relation=RELATIONS[rng.integers(len(RELATIONS))],
+        relation=relations[rng.integers(len(relations))],
         other_colour=colours[rng.integers(len(colours))],
         other_shape=SHAPES[rng.integers(len(SHAPES))],
     )
@@ -67,7 +71,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     """uint8 size×size×3: the group in one half, the single shape in the other, jittered."""
     image = np.empty((size, size, 3), np.uint8)
     image[:] = BACKGROUND
-    radius = size * 0.085 * rng.uniform(0.9, 1.15)
+    radius = size * 0.1 * rng.uniform(0.9, 1.1)
     half = size / 2
     # Along the relation's axis the group sits in one half; across it, the shapes spread out.
     group_first = scene.relation in ("above", "left of")
