@@ -94,7 +94,7 @@ class CaptionEngine:
         if (generation.min_length or 0) > 0 or (generation.max_length is None):
             return "generation_config.min_length"
         eos = generation.eos_token_id
-        if isinstance(eos, list) and len(eos) != 1 or eos is None:
+        if eos is None or (isinstance(eos, list) and len(eos) != 1):
             return "generation_config.eos_token_id (engine: exactly one)"
         return None
 
