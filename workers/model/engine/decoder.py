@@ -127,7 +127,10 @@ class FastDecoder(nn.Module):
                 # is not a dependency; it still works on torch 2.x and is what this needs.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+                from torch.ao.quantization import (
+                    per_channel_dynamic_qconfig,
+                    quantize_dynamic,
+                )
 
                 # Per output channel scales: per-tensor ones changed 1% of the toy model's captions.
                 return quantize_dynamic(quantised, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
