@@ -107,6 +107,7 @@ def test_engine_is_token_identical_to_one_image_generate(name, hf_model, pixels)
     results = staggered(engine, pixels, params)
     lengths = assert_identical(hf_model, results, pixels, params)
     assert all(len(r.sequences) == params.n_return_sequences for r in results)
+    assert engine.scheduler.lanes[params.beam_size].high_water() == 0
     if name == "greedy":  # the set really mixes captions that end at different steps
         assert len(lengths) > 1, lengths
     assert engine.scheduler.joined_mid_flight > 0
@@ -138,6 +139,7 @@ def test_arrival_order_and_mixed_requests_do_not_change_tokens(hf_model, pixels)
                 scheduler.step()
         scheduler.run_until_idle()
     assert scheduler.joined_mid_flight > 0 and set(scheduler.lanes) == {1, 2, 4}
+    assert sum(lane.moves for lane in scheduler.lanes.values()) > 0  # slots were compacted mid-flight
     for i, (params, future) in futures.items():
         assert_identical(hf_model, [future.result()], pixels[i : i + 1], params)
 

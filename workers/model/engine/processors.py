@@ -30,6 +30,10 @@ class RowParams:
             torch.zeros(rows, dtype=torch.int64, device=device),
         )
 
+    def move_rows(self, source: slice, target: slice) -> None:
+        for values in (self.repetition_penalty, self.no_repeat_ngram_size, self.min_length):
+            values[target] = values[source]
+
     def set_rows(self, rows: slice, repetition_penalty: float, no_repeat_ngram_size: int, min_length: int) -> None:
         self.repetition_penalty[rows] = repetition_penalty
         self.no_repeat_ngram_size[rows] = no_repeat_ngram_size

@@ -44,6 +44,7 @@ class Lane:
         self.occupied = torch.zeros(slots * beams, dtype=torch.bool, device=device)
         self.occupants: list[Request | None] = [None] * slots
         self.queue: deque[Request] = deque()
+        self.moves = 0  # images moved down by `compact`
 
     def in_flight(self) -> int:
         return sum(r is not None for r in self.occupants)
@@ -67,6 +68,32 @@ class Lane:
         self.occupied[rows] = False
         self.positions[rows] = 0  # an empty row must stay inside the cache
         return request
+
+    def compact(self) -> None:
+        """Move the highest images into lower free slots, so the occupied slots are a prefix and a
+        step computes no rows for holes (a step covers slots up to the highest occupied one)."""
+        while True:
+            free = next((s for s, r in enumerate(self.occupants) if r is None), None)
+            high = max((s for s, r in enumerate(self.occupants) if r is not None), default=None)
+            if free is None or high is None or free > high:
+                return
+            self._move(high, free)
+
+    def _move(self, src: int, dst: int) -> None:
+        k = self.beams
+        from_rows, to_rows = slice(src * k, (src + 1) * k), slice(dst * k, (dst + 1) * k)
+        caches = self.caches
+        for per_row in (caches.self_k, caches.self_v):
+            per_row[:, to_rows] = per_row[:, from_rows]
+        for per_slot in (caches.cross_k, caches.cross_v):
+            per_slot[:, dst] = per_slot[:, src]
+        for row_state in (self.tokens, self.positions, self.occupied):
+            row_state[to_rows] = row_state[from_rows]
+        self.search.move(src, dst)
+        self.moves += 1
+        self.occupants[dst], self.occupants[src] = self.occupants[src], None
+        self.occupied[from_rows] = False
+        self.positions[from_rows] = 0
 
 
 class Scheduler:
@@ -156,11 +183,11 @@ class Scheduler:
             lane.caches.reorder_rows(source_rows, kv_length)
         lane.tokens[:rows] = tokens
         lane.positions[:rows] = torch.where(lane.occupied[:rows], positions + 1, 0)
-        finished = 0
-        for slot in done.nonzero().squeeze(1).tolist():
-            if lane.occupants[slot] is None:
-                continue
-            result: Finished = lane.search.result(slot)
+        results: list[tuple[int, Finished]] = [
+            (slot, lane.search.result(slot)) for slot in done.nonzero().squeeze(1).tolist() if lane.occupants[slot] is not None
+        ]
+        for slot, result in results:
             lane.vacate(slot).future.set_result(result)
-            finished += 1
-        return finished
+        if results:
+            lane.compact()
+        return len(results)

@@ -69,6 +69,12 @@ class GreedySearch:
         self.max_length[slot] = 1 + spec.max_new_tokens
         self.params.set_rows(slice(slot, slot + 1), spec.repetition_penalty, spec.no_repeat_ngram_size, 1 + spec.min_new_tokens)
 
+    def move(self, src: int, dst: int) -> None:
+        """Slot src's search becomes slot dst's (the scheduler compacts its slots)."""
+        for per_slot in (self.sequences, self.lengths, self.max_length):
+            per_slot[dst] = per_slot[src]
+        self.params.move_rows(slice(src, src + 1), slice(dst, dst + 1))
+
     def advance(self, logits: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
         """logits n×V for slots [0, n) → (next input token per row, None, done per slot)."""
         n = logits.shape[0]
@@ -119,6 +125,18 @@ class BeamSearch:
         self.n_return[slot] = spec.n_return
         rows = slice(slot * self.beams, (slot + 1) * self.beams)
         self.params.set_rows(rows, spec.repetition_penalty, spec.no_repeat_ngram_size, 1 + spec.min_new_tokens)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot src's search becomes slot dst's (the scheduler compacts its slots)."""
+        per_slot = (
+            self.running, self.sequences, self.running_scores, self.scores, self.finished, self.improvable,
+            self.lengths, self.max_length, self.length_penalty, self.early,
+        )
+        for values in per_slot:
+            values[dst] = values[src]
+        self.n_return[dst] = self.n_return[src]
+        k = self.beams
+        self.params.move_rows(slice(src * k, (src + 1) * k), slice(dst * k, (dst + 1) * k))
 
     def _length_divisor(self, lengths: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
         # transformers raises a Python int to a Python float (double), then divides float32 by it.
