@@ -56,6 +56,11 @@ class ModelConfig(_Section):
     )
     device: str = Field("auto", description="'auto' (GPU Ray assigned, else CPU), 'cpu' or 'cuda[:N]'.")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for CPU inference")
+    engine: bool = Field(True, description="torch: decode with the engine (continuous batching); false: generate")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+        "auto",
+        description="engine precision: auto = bfloat16 on CUDA and AMX-BF16 CPUs, else float32; int8 = CPU dynamic quantisation",
+    )
 
     @field_validator("source")
     @classmethod

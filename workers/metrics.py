@@ -65,6 +65,11 @@ MEMORY_BUDGET_IN_USE = Gauge(
 HTTP_REJECTED = Counter(
     "captioner_http_rejected_total", "HTTP requests refused before any work", ["reason"]
 )
+ENGINE_FALLBACKS = Counter(
+    "captioner_engine_fallbacks_total",
+    "Images the decoding engine handed to transformers' generate, by why (sampling, max_output_length, model)",
+    ["reason"],
+)
 
 _server_lock = threading.Lock()
 _server_port: int | None = None

@@ -93,6 +93,10 @@ def _load_backend(cfg: ModelConfig, path: Path, device: str) -> Backend:
         except ImportError as e:
             raise RuntimeError(f"model.backend=tf is not available: {e}") from e
         return TFBackend.from_directory(path, device)
+    if cfg.engine:
+        from workers.model.engine.backend import EngineBackend
+
+        return EngineBackend.from_directory(path, device, torch_threads=cfg.torch_threads, precision=cfg.dtype)
     from workers.model.torch_backend import TorchBackend
 
     return TorchBackend.from_directory(path, device, torch_threads=cfg.torch_threads)

@@ -5,7 +5,9 @@ Sources (`model.source`):
   hub download; offline and uncached is a clear error;
 - a local directory holding `config.json` (+ weights, tokenizer, preprocessor config);
 - `s3://bucket/prefix/`: downloaded once into `model.cache_dir/<digest of keys + ETags>`;
-- `tiny-random`: a tiny untrained model built offline (for tests and smoke runs), cached.
+- `tiny-random`: a tiny untrained model built offline (for tests and smoke runs), cached;
+- `toy-shapes`: the toy captioner shipped in the package, trained on generated scenes of coloured
+  shapes (workers/model/toy): it captions such images and nothing else.
 
 A directory carrying `UNTRAINED_MARKER` holds random weights: its captions mean nothing.
 """
@@ -24,6 +26,9 @@ from workers.config import TINY_RANDOM, ModelConfig, S3Config
 from workers.contract import describe
 from workers.s3 import is_s3_uri, list_objects, make_s3_client, split_uri
 
+# The toy captioner shipped in the package (workers/model/toy): trained, but only on generated
+# scenes of coloured shapes; its captions mean something only for such images.
+TOY_SHAPES = "toy-shapes"
 UNTRAINED_MARKER = "captioner-untrained.json"
 MODEL_CONFIG = "config.json"
 # Completion marker of an s3 download: a directory without it is a crashed half download.
@@ -65,6 +70,10 @@ class ResolvedModel:
 def resolve_model_dir(cfg: ModelConfig, s3_cfg: S3Config | None = None) -> ResolvedModel:
     """`cfg.source` → a local model directory (downloading or building it if needed)."""
     source = cfg.source
+    if source == TOY_SHAPES:
+        from workers.model.toy.train import SHIPPED
+
+        return ResolvedModel(path=_check_model_dir(SHIPPED), name=TOY_SHAPES, untrained=False)
     if source == TINY_RANDOM:
         path = _cached_tiny_random(Path(cfg.cache_dir))
         return ResolvedModel(path=path, name=TINY_RANDOM, untrained=True)
@@ -251,46 +260,19 @@ def build_random_model(
     seed: int = 0,
 ) -> Path:
     """Save an untrained VisionEncoderDecoder (ViT encoder + GPT-2 decoder with cross-attention)
-    built from configs, a tokenizer made offline and a preprocessor config.
-
-    "full" is the reference architecture (ViT-base/16 at 224, GPT-2 base, vocabulary 50257:
-    239 M parameters) for benchmarks; "tiny" is for tests.
+    built from configs (`architectures.random_model`), a tokenizer made offline and a
+    preprocessor config. "full" is the reference architecture for benchmarks; "tiny" is for tests.
     """
     import torch
-    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor
+    from transformers import ViTImageProcessor
+
+    from workers.model.architectures import random_model
 
     path.mkdir(parents=True, exist_ok=True)
-    if size == "full":
-        words = words or [f"w{i}" for i in range(50256)]
-        image_size = 224
-        encoder = ViTConfig(image_size=image_size, patch_size=16)
-        decoder_kwargs: dict[str, Any] = {}
-    else:
-        words = words or [f"w{i}" for i in range(255)]
-        image_size = 32
-        encoder = ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=image_size, patch_size=8,
-        )
-        decoder_kwargs = dict(n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=128, tie_word_embeddings=False)
+    words = words or [f"w{i}" for i in range(50256 if size == "full" else 255)]
     end_id = len(words)  # like GPT-2: end-of-text is the last token (50256 in the reference)
-    decoder = GPT2Config(
-        vocab_size=end_id + 1, add_cross_attention=True, is_decoder=True,
-        bos_token_id=end_id, eos_token_id=end_id, pad_token_id=end_id, **decoder_kwargs,
-    )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = config.bos_token_id = config.eos_token_id = config.pad_token_id = end_id
-    config.tie_word_embeddings = decoder.tie_word_embeddings
-
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = VisionEncoderDecoderModel(config=config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.decoder_start_token_id = end_id
-    model.generation_config.bos_token_id = model.generation_config.eos_token_id = end_id
-    model.generation_config.pad_token_id = end_id
+    model = random_model(size, vocab_size=end_id + 1, seed=seed)
+    image_size = model.config.encoder.image_size
     if size == "tiny":
         with torch.no_grad():
             model.decoder.lm_head.weight[end_id] *= TINY_EOS_GAIN
