@@ -51,9 +51,9 @@ def _params_stand_in() -> None:
                 "no_repeat_ngram_size": self.no_repeat_ngram_size, "num_return_sequences": self.n_return_sequences,
             }
 
-    module = types.ModuleType("workers.model.params")
+    module = types.ModuleType("workers.params")
     module.GenerationParams = GenerationParams
-    sys.modules["workers.model.params"] = module
+    sys.modules["workers.params"] = module
     print("note: pydantic/pydantic-settings/yaml missing: GenerationParams stand-in in use")
 
 
@@ -65,7 +65,7 @@ import transformers
 
 from workers.model.architectures import random_model
 from workers.model.engine.engine import CaptionEngine
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 from workers.model.toy.scenes import WORDS, dataset
 
 # A CPU dry run (no GPU visible) goes through every step with the smallest sizes.

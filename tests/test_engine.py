@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
+from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
 from transformers import VisionEncoderDecoderModel
 
 from workers.images import prepare
@@ -14,7 +14,7 @@ from workers.metrics import ENGINE_FALLBACKS
 from workers.model.engine import CaptionEngine, DecodeSpec
 from workers.model.engine.backend import EngineBackend
 from workers.model.engine.precision import resolve
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 from workers.model.preprocess import normalize, spec_from_dir
 from workers.model.torch_backend import TorchBackend
 

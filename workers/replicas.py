@@ -1,6 +1,12 @@
-"""Model replicas: a Ray Serve deployment holding one CaptionModel each, batching with @serve.batch.
+"""Model replicas: a Ray Serve deployment holding one CaptionModel each.
 
-Semantics (see ray/serve/batching.py): concurrent calls on one replica are queued and handed to
+With the decoding engine (`model.engine: true`, the default for torch), every image of every
+call goes straight into the engine's queue as it arrives and its answer leaves the moment it
+finishes (continuous batching, `workers/model/engine/`); the engine keeps many images in flight
+and refills a finished image's slot between decode steps. What the engine does not decode itself
+(sampling; the TF backend; `engine: false`) takes the static path below.
+
+Static batches (see ray/serve/batching.py): concurrent calls on one replica are queued and handed to
 `_caption_batch` as one list once they hold `max_batch_size` images (`batch_size_fn` counts
 images, not calls: `caption` brings one, `caption_many` — the pipeline's micro-batches — many) or
 `batch_wait_timeout_s` has passed since the first. `max_ongoing_requests` must be at least the
@@ -115,7 +121,26 @@ class CaptionReplica:
         and batches shrink to one image (measured with `captioner bench --mode pipeline`).
         """
         await self._wait_loaded()
-        return await self._caption_batch(list(items))
+        start = time.perf_counter()
+        # The engine takes each image as it arrives and answers it as it finishes (continuous
+        # batching); what it does not decode itself (sampling) takes @serve.batch's static batches.
+        futures = [self.model.submit(pixels, params) for pixels, params in items]
+        static = [item for item, future in zip(items, futures, strict=True) if future is None]
+        static_answers = iter(await self._caption_batch(static) if static else [])
+        if len(static) < len(items):
+            self.batch_sizes.append(len(items) - len(static))
+        answers = []
+        for future in futures:
+            if future is None:
+                answers.append(next(static_answers))
+                continue
+            try:
+                out = await asyncio.wrap_future(future)
+            except Exception as e:  # the engine failed this image: its error, in-band
+                answers.append(ReplicaAnswer([], None, len(items), 0.0, error=describe(e)))
+                continue
+            answers.append(ReplicaAnswer(out.captions, out.scores, len(items), (time.perf_counter() - start) * 1000))
+        return answers
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
     async def _caption_batch(

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 BATCH = 16
 PARAMS = GenerationParams(beam_size=2, max_output_length=16, min_output_length=16)

@@ -8,6 +8,7 @@ the same decoder start token, so there is no padding to leak between rows).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,29 @@ class CaptionModel:
         """uint8 N×H×W×3 at the model's size → one CaptionOutput per image, in order."""
         if pixels.ndim == 4 and pixels.shape[0] == 0:
             return []
-        generated = self.backend.generate(normalize(pixels, self.spec), params)
+        return self._outputs(self.backend.generate(normalize(pixels, self.spec), params), pixels.shape[0], params)
+
+    def submit(self, pixels: np.ndarray, params: GenerationParams) -> Future[CaptionOutput] | None:
+        """One uint8 H×W×3 image into a continuous-batching backend (the engine): it joins the
+        images in flight at once and its future resolves the moment it finishes. None when the
+        backend decodes only static batches, or not these params (then use `caption`)."""
+        can_submit = getattr(self.backend, "can_submit", None)
+        if can_submit is None or not can_submit(params):
+            return None
+        inner = self.backend.submit_image(normalize(pixels[None], self.spec)[0], params)
+        outer: Future[CaptionOutput] = Future()
+
+        def finished(f: Future[Any]) -> None:
+            try:
+                outer.set_result(self._outputs(f.result(), 1, params)[0])
+            except Exception as e:  # the engine's error, or ours decoding its tokens
+                outer.set_exception(e)
+
+        inner.add_done_callback(finished)
+        return outer
+
+    def _outputs(self, generated: Any, n: int, params: GenerationParams) -> list[CaptionOutput]:
         k = params.n_return_sequences
-        n = pixels.shape[0]
         if generated.sequences.shape[0] != n * k:
             raise RuntimeError(
                 f"backend {self.backend.name} returned {generated.sequences.shape[0]} sequences for {n}×{k}"

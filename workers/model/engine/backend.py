@@ -18,7 +18,7 @@ from workers.metrics import ENGINE_FALLBACKS
 from workers.model.backend import Generated
 from workers.model.engine.engine import CaptionEngine
 from workers.model.engine.search import Finished
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 from workers.model.torch_backend import TorchBackend, pick_device
 
 
@@ -62,6 +62,10 @@ class EngineBackend:
             return self.fallback.generate(pixel_values, params)
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
         return pack(self.engine.generate(pixels, params), self.engine.tokens["pad"])
+
+    def can_submit(self, params: GenerationParams) -> bool:
+        """Whether `submit_image` decodes these params in the engine (not a fallback)."""
+        return self.engine.unsupported(params) is None
 
     def submit_image(self, pixels: np.ndarray, params: GenerationParams) -> Future:
         """One normalised 3×H×W image → Future[Generated] with its n_return rows."""

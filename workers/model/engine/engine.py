@@ -25,7 +25,7 @@ from workers.model.engine.decoder import FastDecoder
 from workers.model.engine.precision import Resolved, resolve
 from workers.model.engine.scheduler import Request, Scheduler
 from workers.model.engine.search import DecodeSpec, Finished
-from workers.model.params import GenerationParams
+from workers.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
