@@ -118,17 +118,19 @@ def caption(
 
 @app.command()
 def bench(
-    mode: Annotated[str, typer.Option(help="model or pipeline")] = "model",
-    backend: Annotated[str, typer.Option(help="torch, tf, or both")] = "torch",
-    batch_sizes: Annotated[str, typer.Option(help="comma-separated")] = "1,4,16",
-    model: Annotated[str, typer.Option(help="full (random full-size) or tiny-random")] = "full",
+    mode: Annotated[str, typer.Option(help="model, pipeline, engine, scale or memory")] = "model",
+    backend: Annotated[str, typer.Option(help="torch, tf, or both (model, pipeline)")] = "torch",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated (model, pipeline)")] = "1,4,16",
+    model: Annotated[str, typer.Option(help="full (random full-size) or tiny-random (model, pipeline)")] = "full",
     rounds: Annotated[int, typer.Option(min=1)] = 2,
+    quick: Annotated[bool, typer.Option(help="engine, scale, memory: the small form CI runs (consistency, not speed)")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="write PNG plots and summary.md to this folder")] = None,
 ) -> None:
-    """Benchmarks that print ratios measured in one run (random weights, beam 2, 16 new tokens)."""
+    """Benchmarks that print ratios measured in one run, with the CPU's features (random weights)."""
     from harness import bench as bench_mod  # tooling, not runtime: imported only here
 
     bench_mod.main(mode=mode, backend=backend, batch_sizes=[int(b) for b in batch_sizes.split(",")],
-                   model=model, rounds=rounds)
+                   model=model, rounds=rounds, quick=quick, report_dir=report)
 
 
 @app.command()

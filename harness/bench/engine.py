@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.bench.report import BenchReport
 from workers.params import GenerationParams
 
 BATCH = 16
@@ -49,7 +50,10 @@ class Throughput:
         return self.images / self.seconds
 
 
-def run(quick: bool = False, model_dir: Path | None = None, seed: int = 0, also: tuple[str, ...] = ()) -> float:
+def run(
+    quick: bool = False, model_dir: Path | None = None, seed: int = 0, also: tuple[str, ...] = (),
+    report: BenchReport | None = None,
+) -> float:
     """Run the benchmark, print it, return R. `also`: more precisions to time at batch 16 (e.g.
     bfloat16 on a CPU where `auto` is float32), reported beside, not in R."""
     from transformers import VisionEncoderDecoderModel
@@ -65,7 +69,7 @@ def run(quick: bool = False, model_dir: Path | None = None, seed: int = 0, also:
         auto = resolve("auto", torch.device("cpu")).name
         print(f"model: {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, random weights); "
               f"auto precision here: {auto}")
-        return _run(model, quick, auto, seed, also)
+        return _run(model, quick, auto, seed, also, report)
 
 
 def _model_dir(quick: bool, tmp: Path) -> Path:
@@ -89,7 +93,7 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
-def _run(model, quick: bool, auto: str, seed: int, also: tuple[str, ...]) -> float:
+def _run(model, quick: bool, auto: str, seed: int, also: tuple[str, ...], report: BenchReport | None = None) -> float:
     from workers.model.engine import CaptionEngine
 
     pixels = _images(model, BATCH, seed)
@@ -133,7 +137,11 @@ def _run(model, quick: bool, auto: str, seed: int, also: tuple[str, ...]) -> flo
         agree = sum(a.sequences == b.sequences for a, b in zip(outputs[precision], outputs["float32"]))
         print(f"{precision} engine captions identical to fp32 engine's (random weights, near-ties common): {agree}/{BATCH}")
 
-    latency = _latency(engine, model, quick, seed)
+    latency, raw_latencies = _latency(engine, model, quick, seed)
+    if report is not None:
+        report.bars("engine-vs-generate", "Engine vs generate (beam 2, 16 tokens)",
+                    {t.label: t.images_per_s for t in results.values()}, "images/s")
+        report.latency_cdf("latency-cdf", raw_latencies, note="Poisson arrivals at 70% of capacity, mixed max_output_length")
     base = results["generate float32"].images_per_s
     ratios = {
         "engine fp32 vs generate fp32": results["engine float32"].images_per_s / base,
@@ -156,7 +164,7 @@ def _run(model, quick: bool, auto: str, seed: int, also: tuple[str, ...]) -> flo
     return r
 
 
-def _latency(engine, model, quick: bool, seed: int) -> dict[str, tuple[float, float]]:
+def _latency(engine, model, quick: bool, seed: int) -> tuple[dict[str, tuple[float, float]], dict[str, list[float]]]:
     """p50/p99 latency (s) of continuous vs static batching under the same Poisson arrivals."""
     rng = np.random.default_rng(seed + 2)
     n = 24 if quick else 48
@@ -171,13 +179,15 @@ def _latency(engine, model, quick: bool, seed: int) -> dict[str, tuple[float, fl
     print(f"latency: {n} requests, max_output_length from {MIXED_LENGTHS}, capacity {capacity:.2f} img/s, "
           f"Poisson arrivals at {rate:.2f}/s ({LOAD:.0%})")
     out = {}
+    raw: dict[str, list[float]] = {}
     for policy in ("continuous", "static"):
         latencies = _continuous(engine, pixels, params, arrivals) if policy == "continuous" else _static(engine, pixels, params, arrivals)
         assert len(latencies) == n and all(v > 0 for v in latencies), f"{policy}: every request answered once"
         p50, p99 = float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
         out[policy] = (p50, p99)
+        raw[policy] = list(latencies)
         print(f"  {policy:<10} p50 {p50:6.3f} s  p99 {p99:6.3f} s  mean {statistics.fmean(latencies):6.3f} s")
-    return out
+    return out, raw
 
 
 def _drain(engine, pixels: torch.Tensor, params: list[GenerationParams]) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from harness.bench.report import BenchReport
 from harness.bench.common import (
     BENCH_PARAMS,
     SAMPLES,
@@ -47,7 +48,7 @@ class Measurement:
     latency_s: float  # median wall time of one call: a batch, or one image for the naive loop
 
 
-def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
+def main(backend: str, batch_sizes: list[int], model: str, rounds: int, report: BenchReport | None = None) -> None:
     if backend not in ("torch", "tf", "both"):
         raise ValueError(f"unknown backend {backend!r}: use torch, tf or both")
     if model not in ("full", TINY_RANDOM):
@@ -61,7 +62,12 @@ def main(backend: str, batch_sizes: list[int], model: str, rounds: int) -> None:
     print_header(console, f"bench mode=model model={model} backend={backend}")
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         model_dir = bench_model_dir(model, Path(tmp), console)
-        _run(console, model_dir, model, backends, sorted(set(batch_sizes)), rounds)
+        measurements = _run(console, model_dir, model, backends, sorted(set(batch_sizes)), rounds)
+    if report is not None:
+        series: dict[str, dict[int, float]] = {}
+        for m in measurements:
+            series.setdefault(f"{m.backend} {m.how}", {})[m.batch_size] = m.images_per_s
+        report.throughput_vs_batch("throughput-vs-batch", series, note=f"model={model}, beam 2, 16 new tokens")
 
 
 @dataclass
@@ -77,7 +83,9 @@ class _Case:
     times: list[float] = field(default_factory=list)
 
 
-def _run(console: Console, model_dir: Path, model: str, backends: list[str], batch_sizes: list[int], rounds: int) -> None:
+def _run(
+    console: Console, model_dir: Path, model: str, backends: list[str], batch_sizes: list[int], rounds: int
+) -> list[Measurement]:
     import torch
 
     from workers.images import prepare
@@ -123,6 +131,7 @@ def _run(console: Console, model_dir: Path, model: str, backends: list[str], bat
         per_call = seconds if case.images == case.batch_size else seconds / case.images
         measurements.append(Measurement(case.backend, case.how, case.batch_size, case.images / seconds, per_call))
     _report(console, measurements, model, rounds)
+    return measurements
 
 
 def _naive_case(model_dir: Path, torch_model: object | None, files: list[Path]) -> _Case:
