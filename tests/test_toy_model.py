@@ -9,7 +9,8 @@ import torch
 from transformers import VisionEncoderDecoderModel
 
 from workers.config import ModelConfig
-from workers.model import GenerationParams, load_model
+from workers.model import load_model
+from workers.params import GenerationParams
 from workers.model.engine import CaptionEngine
 from workers.model.loading import TOY_SHAPES, resolve_model_dir
 from workers.model.toy.scenes import WORDS, dataset
