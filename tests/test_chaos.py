@@ -151,13 +151,14 @@ def test_chaos_command_is_registered() -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_chaos_run_loses_nothing_under_kills_restarts_and_s3_faults(ray_serve: None, tmp_path: Path) -> None:
+def test_chaos_run_loses_nothing_under_kills_hangs_drains_restarts_and_s3_faults(ray_serve: None, tmp_path: Path) -> None:
     import ray
     from ray import serve
 
     apps_before = set(serve.status().applications)
     opts = ChaosOptions(
-        requests=300, seed=11, kill_replicas=1, kill_consumers=1, broker_restarts=1, workdir=tmp_path / "run"
+        requests=300, seed=11, kill_replicas=1, kill_consumers=1, broker_restarts=1, hang_replicas=1,
+        throttle_bursts=1, drain_rebalances=1, workdir=tmp_path / "run",
     )
     report = run_chaos(opts, command="pytest tests/test_chaos.py")
     write_report(report, tmp_path / "report.json")
@@ -169,11 +170,19 @@ def test_chaos_run_loses_nothing_under_kills_restarts_and_s3_faults(ray_serve: N
     # (Outcomes at unknown coordinates may exist: copies of requests the broker acknowledged
     # with offset -1 and the feeder sent again; "no stray outcomes" checks they carry known ids.)
     assert report.lost == 0, summary
-    assert report.faults["replica_kills"] == report.faults["consumer_kills"] == report.faults["broker_restarts"] == 1
+    for kind in ("replica_kills", "consumer_kills", "broker_restarts", "replica_hangs", "throttle_bursts",
+                 "drain_rebalances"):
+        assert report.faults[kind] == 1, (kind, summary)
     assert report.faults["s3_error"] > 0 and report.faults["s3_dropped"] > 0, summary
+    # The slow faults bit: a hang cancelled calls, a burst throttled fetches, a drip hit the deadline.
+    retries = report.retries_by_fault
+    assert retries["replica kills + hung replicas"]["replica call timeouts"] > 0, summary
+    assert report.faults["s3_throttled"] > 0 and report.faults["s3_dripped"] > 0, summary
+    assert retries["s3 dripping GETs"]["fetch retries, deadline"] > 0, summary
     assert set(report.dead_letters_by_code) == POISON_CODES, summary
+    assert {k for k in report.requests_by_kind if k in HOSTILE_KINDS} == HOSTILE_KINDS
     assert report.results >= 250 and report.outcomes >= report.requests
-    assert report.duplicates <= report.duplicate_bound == opts.max_in_flight * 2
+    assert report.duplicates <= report.duplicate_bound == opts.max_in_flight * opts.consumers * 3
     assert not report.secret_leaks and report.secrets_scanned["output_records"] == report.outcomes
     assert report.secrets_scanned["log_lines"] > 0
     assert report.peak_rss_mb["consumer_workers_largest_process"] > 0

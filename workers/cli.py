@@ -160,7 +160,7 @@ def chaos(
     s3_delay_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 answers delayed")] = 0.02,
     s3_truncate_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 bodies cut short")] = 0.02,
     s3_drip_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 GET bodies dripped (cut off by the fetch deadline)")] = 0.01,
-    hang_replicas: Annotated[int, typer.Option(min=0, help="Serve replicas to SIGSTOP past the call timeout, then SIGCONT")] = 1,
+    hang_replicas: Annotated[int, typer.Option(min=0, help="times every Serve replica is SIGSTOPped past the call timeout, then SIGCONT")] = 1,
     throttle_bursts: Annotated[int, typer.Option(min=0, help="bursts of every S3 call answered 503 SlowDown")] = 1,
     drain_rebalances: Annotated[int, typer.Option(min=0, help="consumers SIGTERMed (drain) while a replacement joins")] = 1,
     consumers: Annotated[int, typer.Option(min=1, help="consumer worker processes in the group")] = 2,

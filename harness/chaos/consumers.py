@@ -95,7 +95,10 @@ class ConsumerWorker:
         if self._popen is None:
             return None
         if self._popen.poll() is None:
-            os.kill(self._popen.pid, signal.SIGTERM)
+            # Once only: a drained worker already got its SIGTERM, and a second one landing
+            # while the process exits (Ray's shutdown restores the default handler) kills it -15.
+            if not self.drained:
+                os.kill(self._popen.pid, signal.SIGTERM)
             try:
                 self._popen.wait(timeout_s)
             except subprocess.TimeoutExpired:

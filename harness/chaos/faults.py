@@ -1,8 +1,10 @@
 """The faults a chaos run injects into the running system, and when.
 
-Replica kills (`ray.kill` of a Serve replica actor mid-batch), hung replicas (SIGSTOP of a
-replica's process past `replicas.call_timeout_s`, then SIGCONT: Serve still counts it live, so
-calls routed to it hang until the worker's call deadline cancels and retries them), broker
+Replica kills (`ray.kill` of a Serve replica actor mid-batch), hung replicas (SIGSTOP of the
+app's replica processes past `replicas.call_timeout_s`, then SIGCONT: Serve still counts them
+live, so the calls they hold hang until the worker's call deadline cancels and retries them; all
+of them, because with one stopped Serve's router sent the calls to the other: a 200-request run
+saw no call time out), broker
 restarts (kill -9 and a start on the same port; durable storage keeps everything); consumer kills
 and SIGTERM drains live with the consumer processes (`consumers.ConsumerWorker`). S3 faults,
 throttling bursts among them, come from the proxy (`proxy.ChaosProxy`).
@@ -33,13 +35,14 @@ class Fault:
     kind: str  # one of FAULT_KINDS
 
 
-# Injected kinds, in round-robin order.
-FAULT_KINDS = ("replica_kill", "consumer_kill", "broker_restart", "replica_hang", "throttle_burst", "drain_rebalance")
+# Injected kinds, in round-robin order (a replica hang away from the replica kill: it waits for
+# the killed replica's replacement, so that no fresh replica takes the calls the hang holds up).
+FAULT_KINDS = ("replica_kill", "throttle_burst", "consumer_kill", "replica_hang", "broker_restart", "drain_rebalance")
 
 
 def fault_counts(opts: ChaosOptions) -> dict[str, int]:
     """How many of each kind the options ask for."""
-    return {
+    counts = {
         "replica_kill": opts.kill_replicas,
         "consumer_kill": opts.kill_consumers,
         "broker_restart": opts.broker_restarts,
@@ -47,6 +50,7 @@ def fault_counts(opts: ChaosOptions) -> dict[str, int]:
         "throttle_burst": opts.throttle_bursts,
         "drain_rebalance": opts.drain_rebalances,
     }
+    return {kind: counts[kind] for kind in FAULT_KINDS}
 
 
 def fault_schedule(opts: ChaosOptions) -> list[Fault]:
@@ -120,7 +124,7 @@ def replica_pids(app_name: str) -> list[int]:
 
 
 class ReplicaHangs:
-    """Stops replica processes (SIGSTOP) and continues each after `hang_s` on a timer;
+    """Stops an app's replica processes (SIGSTOP) and continues them after `hang_s` on a timer;
     `resume_all` continues any still stopped (the run's cleanup: nothing is left frozen)."""
 
     def __init__(self, hang_s: float):
@@ -129,29 +133,32 @@ class ReplicaHangs:
         self._lock = threading.Lock()
         self._timers: list[threading.Timer] = []
 
-    def hang_one(self, app_name: str, rng: random.Random) -> int:
-        pid = rng.choice(replica_pids(app_name))
+    def hang(self, app_name: str) -> list[int]:
+        """Stop every replica process of the app now; continue them `hang_s` later."""
+        pids = replica_pids(app_name)
         with self._lock:
-            os.kill(pid, signal.SIGSTOP)
-            self._stopped.add(pid)
-        timer = threading.Timer(self.hang_s, self._resume, args=(pid,))
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    self._stopped.add(pid)
+        timer = threading.Timer(self.hang_s, self._resume, args=(pids,))
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
-        return pid
+        return pids
 
-    def _resume(self, pid: int) -> None:
+    def _resume(self, pids: list[int]) -> None:
         with self._lock:
-            if pid in self._stopped:
-                self._stopped.discard(pid)
-                with contextlib.suppress(ProcessLookupError):  # killed meanwhile (a replica kill)
-                    os.kill(pid, signal.SIGCONT)
+            for pid in pids:
+                if pid in self._stopped:
+                    self._stopped.discard(pid)
+                    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                        os.kill(pid, signal.SIGCONT)
 
     def resume_all(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        for pid in list(self._stopped):
-            self._resume(pid)
+        self._resume(list(self._stopped))
 
 
 def restart_broker(broker: Broker) -> None:

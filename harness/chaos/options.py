@@ -48,7 +48,7 @@ class ChaosOptions:
     s3_delay_s: float = 0.3
     # A GET whose body arrives 16 bytes every 0.2 s: only s3.fetch_deadline_s cuts it off.
     s3_drip_rate: float = 0.01
-    hang_replicas: int = 1  # SIGSTOP a replica process past replicas.call_timeout_s, then SIGCONT
+    hang_replicas: int = 1  # times the replicas are SIGSTOPped past replicas.call_timeout_s, then SIGCONT
     throttle_bursts: int = 1  # every S3 call answered 503 SlowDown for throttle_burst_s
     throttle_burst_s: float = 2.5
     drain_rebalances: int = 1  # SIGTERM a consumer (it drains) while a replacement joins the group
@@ -67,8 +67,9 @@ class ChaosOptions:
 
     @property
     def hang_s(self) -> float:
-        """How long a hung replica stays stopped: past the call timeout, well inside the retry budget."""
-        return CALL_TIMEOUT_S + 3
+        """How long the replicas stay stopped: calls made in the first 8 s time out, and their
+        retries are answered once the replicas continue, inside the 30 s retry budget."""
+        return CALL_TIMEOUT_S + 8
 
     @property
     def deadline_s(self) -> float:

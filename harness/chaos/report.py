@@ -148,7 +148,7 @@ def match_outcomes(cases: list[Case], outcomes: list[Outcome], acked: dict[tuple
         by_key[key].append(outcome)
     acked_at = {cases[i].id: co for co, i in acked.items()}
     found = Matching(
-        lost=[c for c in cases if c.id.encode() not in by_key],
+        lost=[c for c in cases if c.key not in by_key],
         stray=[o for key, outs in by_key.items() if key not in case_by_key for o in outs],
         unknown=[
             o for key, outs in by_key.items() if key in case_by_key for o in outs
@@ -178,11 +178,14 @@ def match_outcomes(cases: list[Case], outcomes: list[Outcome], acked: dict[tuple
 def evaluate(state: RunState, seen: Observations) -> ChaosReport:
     opts, cases, faults = state.opts, state.corpus.cases, seen.faults
     m = match_outcomes(cases, state.collector.outcomes, state.feeder.coordinates)
-    redelivering = faults["consumer_kills"] + faults["broker_restarts"]
-    bound = opts.max_in_flight * max(1, redelivering)
+    # Each event that moves partitions or resets the group (a consumer kill, a broker restart, a
+    # drain with a replacement joining) can redeliver at most each member's open window.
+    redelivering = faults["consumer_kills"] + faults["broker_restarts"] + faults["drain_rebalances"]
+    bound = opts.max_in_flight * opts.consumers * max(1, redelivering)
     awkward = {c.kind for c in cases if c.size is not None}
     header_problems = _header_problems(cases, state.collector.headers)
     asked = fault_counts(opts)
+    felt_problems = _unfelt_faults(faults, retries_by_fault(seen.worker_metrics))
     kinds_with_wrong = {w.split()[0] for w in m.wrong}
     poison_kinds = {c.kind for c in cases if c.expected != RESULT}
     worker_peak_mb = seen.peak_rss_mb.get("consumer_workers_largest_process", 0.0)
@@ -211,7 +214,8 @@ def evaluate(state: RunState, seen: Observations) -> ChaosReport:
         Check(
             "duplicates within bound",
             m.duplicates <= bound,
-            f"{m.duplicates} ≤ {bound} (max_in_flight {opts.max_in_flight} × {max(1, redelivering)} consumer kills + broker restarts)",
+            f"{m.duplicates} ≤ {bound} (max_in_flight {opts.max_in_flight} × {opts.consumers} consumers × "
+            f"{max(1, redelivering)} consumer kills + broker restarts + drains)",
         ),
         Check("no secret in logs or outputs", not seen.leaks, "; ".join(seen.leaks[:5]) or f"{seen.scanned}"),
         Check(
@@ -220,6 +224,11 @@ def evaluate(state: RunState, seen: Observations) -> ChaosReport:
             f"largest consumer worker peak {worker_peak_mb:.0f} MB ≤ {opts.max_worker_rss_mb} MB",
         ),
         Check("workers survived every fault", not state.exits, "; ".join(state.exits) or "no unexpected exit"),
+        Check(
+            "slow faults took effect",
+            not felt_problems,
+            "; ".join(felt_problems) or "hangs → call timeouts, bursts → 503s, drips → deadline retries",
+        ),
         Check(
             "faults injected as asked",
             all(state.faults[kind] == n for kind, n in asked.items()),
@@ -258,6 +267,19 @@ def evaluate(state: RunState, seen: Observations) -> ChaosReport:
         wall_time_s=round(seen.wall_time_s, 1),
         checks=checks,
     )
+
+
+def _unfelt_faults(faults: dict[str, Any], retries: dict[str, dict[str, int]]) -> list[str]:
+    """Slow faults that were injected but left no trace where they must (a fault that does not
+    bite proves nothing)."""
+    problems = []
+    if faults.get("replica_hangs") and not retries["replica kills + hung replicas"]["replica call timeouts"]:
+        problems.append("replicas hung but no call timed out")
+    if faults.get("throttle_bursts") and not faults.get("s3_throttled"):
+        problems.append("a throttling burst answered no call")
+    if faults.get("s3_dripped") and not retries["s3 dripping GETs"]["fetch retries, deadline"]:
+        problems.append(f"{faults['s3_dripped']} GET(s) dripped but no fetch hit its deadline")
+    return problems
 
 
 def _header_problems(cases: list[Case], headers: dict[bytes, list[list[tuple[str, bytes]]]]) -> list[str]:

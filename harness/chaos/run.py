@@ -36,6 +36,7 @@ from harness.chaos.faults import (
     fault_schedule,
     kill_one_replica,
     replica_actor_names,
+    replica_pids,
     replicas_app,
     restart_broker,
 )
@@ -190,7 +191,9 @@ def _inject_faults(state: RunState) -> None:
             elif fault.kind == "broker_restart":
                 restart_broker(state.broker)
             elif fault.kind == "replica_hang":
-                state.hung_replicas.append(state.hangs.hang_one(state.app_name, state.rng))
+                _wait_for_whole_replica_set(state)
+                state.hung_replicas.extend(pids := state.hangs.hang(state.app_name))
+                log.info("chaos: replica processes %s stopped for %.0f s", pids, opts.hang_s)
             elif fault.kind == "throttle_burst":
                 proxy.throttle_for(opts.throttle_burst_s)
             elif fault.kind == "drain_rebalance":
@@ -204,11 +207,7 @@ def _inject_faults(state: RunState) -> None:
         for w in state.workers:
             if not w.killed and not w.drained:
                 w.wait_ready(timeout_s=state.remaining_s())
-        replicas = state.settings.replicas.num_replicas
-        wait_until(
-            lambda: len(set(replica_actor_names(state.app_name)) - set(state.killed_replicas)) >= replicas,
-            timeout_s=state.remaining_s(), interval_s=0.2, what="Serve to replace killed replicas",
-        )  # fmt: skip
+        _wait_for_whole_replica_set(state)
     except (TimeoutError, RuntimeError) as e:
         log.error("chaos: %s", e)
         state.exits.append(f"run: {e}")
@@ -217,10 +216,20 @@ def _inject_faults(state: RunState) -> None:
         state.feeder.join(30)
 
 
+def _wait_for_whole_replica_set(state: RunState) -> None:
+    """Until Serve has replaced every killed replica (and the replacements have processes)."""
+    replicas = state.settings.replicas.num_replicas
+    wait_until(
+        lambda: len(set(replica_actor_names(state.app_name)) - set(state.killed_replicas)) >= replicas
+        and len(replica_pids(state.app_name)) >= replicas,
+        timeout_s=state.remaining_s(), interval_s=0.2, what="Serve to replace killed replicas",
+    )  # fmt: skip
+
+
 def _drain_during_rebalance(state: RunState) -> None:
     """A replacement joins the group and, as its join starts the rebalance, a live worker is sent
     SIGTERM: it drains (keeps polling, so it takes part in the rebalance) and must exit 0."""
-    live = [w for w in state.workers if w.exit_code() is None and not w.killed and not w.drained]
+    live = [w for w in state.workers if w.exit_code() is None and not w.killed and not w.drained and w.ready_path.exists()]
     victim = state.rng.choice(live)
     replacement = state.spawn_worker()
     replacement.wait_ready(timeout_s=state.remaining_s())  # subscribed: its join is under way
@@ -257,6 +266,7 @@ def _observe(state: RunState) -> Observations:
         "consumer_kills": state.faults["consumer_kill"],
         "broker_restarts": state.faults["broker_restart"],
         "replica_hangs": state.faults["replica_hang"],
+        "replica_processes_stopped": len(state.hung_replicas),
         "throttle_bursts": state.faults["throttle_burst"],
         "drain_rebalances": state.faults["drain_rebalance"],
         "s3_requests": sum(proxy_counts.values()),
