@@ -127,14 +127,20 @@ class _Delivered:
 
 class _NullableHeaderProducer:
     """confluent-kafka's Producer for records with a null header value (kafka-python raises
-    TypeError on them): a Go or librdkafka client writes such records without complaint."""
+    TypeError on them): a Go or librdkafka client writes such records without complaint.
+
+    One librdkafka producer per send, dropped after its flush: a long-lived one keeps
+    reconnecting (and logging to stderr) across broker restarts and after the run.
+    """
 
     def __init__(self, bootstrap: str):
-        from confluent_kafka import Producer
-
-        self._producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
+        self.bootstrap = bootstrap
 
     def send(self, topic: str, cases: list[tuple[int, Case]]) -> list[tuple[int, _Delivered]]:
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "acks": "all", "enable.idempotence": True},
+                            logger=log)  # fmt: skip
         reports: dict[int, _Delivered] = {}
 
         def report(i: int) -> Callable[[Any, Any], None]:
@@ -144,9 +150,8 @@ class _NullableHeaderProducer:
             return on_delivery
 
         for i, case in cases:
-            self._producer.produce(topic, value=case.value, key=case.key, headers=list(case.headers),
-                                   on_delivery=report(i))  # fmt: skip
-        self._producer.flush(120)
+            producer.produce(topic, value=case.value, key=case.key, headers=list(case.headers), on_delivery=report(i))
+        producer.flush(120)
         return [(i, reports.get(i, _Delivered(topic, -1, -1, "no delivery report"))) for i, _ in cases]
 
 
