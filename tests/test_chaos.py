@@ -158,7 +158,7 @@ def test_chaos_run_loses_nothing_under_kills_hangs_drains_restarts_and_s3_faults
     apps_before = set(serve.status().applications)
     opts = ChaosOptions(
         requests=300, seed=11, kill_replicas=1, kill_consumers=1, broker_restarts=1, hang_replicas=1,
-        throttle_bursts=1, drain_rebalances=1, workdir=tmp_path / "run",
+        throttle_bursts=1, drain_rebalances=1, s3_drip_rate=0.02, workdir=tmp_path / "run",
     )
     report = run_chaos(opts, command="pytest tests/test_chaos.py")
     write_report(report, tmp_path / "report.json")

@@ -46,8 +46,11 @@ class ChaosOptions:
     s3_delay_rate: float = 0.02
     s3_truncate_rate: float = 0.02
     s3_delay_s: float = 0.3
-    # A GET whose body arrives 16 bytes every 0.2 s: only s3.fetch_deadline_s cuts it off.
+    # A GET whose body arrives 2 bytes every 0.25 s: only s3.fetch_deadline_s cuts it off
+    # (even the smallest object in the mix, a ~70-byte PNG, would take ~9 s).
     s3_drip_rate: float = 0.01
+    s3_drip_bytes: int = 2
+    s3_drip_interval_s: float = 0.25
     hang_replicas: int = 1  # times the replicas are SIGSTOPped past replicas.call_timeout_s, then SIGCONT
     throttle_bursts: int = 1  # every S3 call answered 503 SlowDown for throttle_burst_s
     throttle_burst_s: float = 2.5

@@ -142,7 +142,7 @@ def _start(
         plan=FaultPlan(
             error_rate=opts.s3_error_rate, error_status=503, drop_rate=opts.s3_drop_rate,
             truncate_rate=opts.s3_truncate_rate, delay_rate=opts.s3_delay_rate, delay_s=opts.s3_delay_s,
-            drip_rate=opts.s3_drip_rate,
+            drip_rate=opts.s3_drip_rate, drip_bytes=opts.s3_drip_bytes, drip_interval_s=opts.s3_drip_interval_s,
         ),
         feeder=Feeder(settings, corpus.cases, progress.done, lead=max(100, 4 * opts.max_in_flight * opts.consumers)),
         collector=Collector(settings, secrets_to_find),
