@@ -245,6 +245,8 @@ def evaluate(state: RunState, seen: Observations) -> ChaosReport:
         settings_raised={
             "worker.inference_retry_budget_s": settings.worker.inference_retry_budget_s,
             "s3.retry_budget_s": settings.s3.retry_budget_s,
+            "s3.fetch_deadline_s": settings.s3.fetch_deadline_s,
+            "replicas.call_timeout_s": settings.replicas.call_timeout_s,
             "worker.max_in_flight": settings.worker.max_in_flight,
             "kafka.commit_interval_s": settings.kafka.commit_interval_s,
             "worker_window_peaks": [s.get("window_peak") for s in seen.worker_stats if s],
