@@ -219,3 +219,65 @@ def test_stop_drains_commits_and_closes(two_partitions: Harness) -> None:
     h.__exit__()
     assert h.consumer is not None and h.consumer.closed
     assert h.consumer.committed_offset(TP0) == 5 and h.consumer.committed_offset(TP1) == 3
+
+
+class RestartingBrokerConsumer(FakeConsumer):
+    """poll() raises like kafka-python does while the broker restarts, `outage` times, then works."""
+
+    def __init__(self, logs: dict[TopicPartition, int], error: Exception, outage: int, **kwargs: Any):
+        super().__init__(logs, **kwargs)
+        self.error = error
+        self.outage = outage
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        if self.outage > 0:
+            self.outage -= 1
+            raise self.error
+        return super().poll(timeout_ms, max_records)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the second loop's end
+def test_a_retriable_poll_error_does_not_end_the_loop() -> None:
+    from kafka.errors import KafkaConnectionError, UnsupportedVersionError
+
+    h = Harness({TP0: 3})
+
+    def restarting(**kwargs: Any) -> FakeConsumer:
+        h.consumer = RestartingBrokerConsumer({TP0: 3}, KafkaConnectionError("111 ECONNREFUSED"), 3, **kwargs)
+        return h.consumer
+
+    h.source._consumer_factory = restarting
+    with h:
+        wait_for(lambda: len(h.received) == 3)  # the records after the outage still arrive
+        assert h.thread.is_alive()
+        h.settle({(0, 0), (0, 1), (0, 2)})
+    # A non-retriable error still ends the loop (the pipeline then exits 1 for a restart).
+    h = Harness({TP0: 3})
+    h.source._consumer_factory = lambda **kw: RestartingBrokerConsumer({TP0: 3}, UnsupportedVersionError(), 1, **kw)
+    h.thread.start()
+    h.thread.join(10)
+    assert not h.thread.is_alive()
+
+
+class Coordinator:
+    """kafka-python's group coordinator, as far as a drain looks at it: rebalancing for `polls` polls."""
+
+    def __init__(self, consumer: FakeConsumer, polls: int):
+        self.consumer = consumer
+        self.until = polls
+
+    def rebalance_in_progress(self) -> bool:
+        return self.consumer.polls < self.until
+
+
+def test_a_drain_finishes_a_pending_rebalance_before_leaving_the_group(two_partitions: Harness) -> None:
+    h = two_partitions
+    wait_for(lambda: len(h.received) == 8)
+    h.settle({(d.partition, d.offset) for d in h.received})
+    assert h.consumer is not None
+    closed_at: list[int] = []
+    consumer = h.consumer
+    consumer._coordinator = Coordinator(consumer, consumer.polls + 20)  # type: ignore[attr-defined]
+    consumer.close = lambda autocommit=False: closed_at.append(consumer.polls)  # type: ignore[method-assign]
+    h.__exit__()
+    assert closed_at and closed_at[0] >= consumer._coordinator.until, "left the group mid-rebalance"  # type: ignore[attr-defined]

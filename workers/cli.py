@@ -191,6 +191,10 @@ def chaos(
     s3_drop_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 connections dropped")] = 0.02,
     s3_delay_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 answers delayed")] = 0.02,
     s3_truncate_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 bodies cut short")] = 0.02,
+    s3_drip_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 GET bodies dripped (cut off by the fetch deadline)")] = 0.01,
+    hang_replicas: Annotated[int, typer.Option(min=0, help="times every Serve replica is SIGSTOPped past the call timeout, then SIGCONT")] = 1,
+    throttle_bursts: Annotated[int, typer.Option(min=0, help="bursts of every S3 call answered 503 SlowDown")] = 1,
+    drain_rebalances: Annotated[int, typer.Option(min=0, help="consumers SIGTERMed (drain) while a replacement joins")] = 1,
     consumers: Annotated[int, typer.Option(min=1, help="consumer worker processes in the group")] = 2,
     max_in_flight: Annotated[int, typer.Option(min=1, help="worker.max_in_flight per consumer worker")] = 32,
     timeout: Annotated[Optional[float], typer.Option(help="seconds for the whole stream (default scales with --requests)")] = None,
@@ -202,7 +206,8 @@ def chaos(
     opts = chaos_mod.ChaosOptions(
         requests=requests, seed=seed, kill_replicas=kill_replicas, kill_consumers=kill_consumers,
         broker_restarts=broker_restarts, s3_error_rate=s3_error_rate, s3_drop_rate=s3_drop_rate,
-        s3_delay_rate=s3_delay_rate, s3_truncate_rate=s3_truncate_rate, consumers=consumers,
+        s3_delay_rate=s3_delay_rate, s3_truncate_rate=s3_truncate_rate, s3_drip_rate=s3_drip_rate,
+        hang_replicas=hang_replicas, throttle_bursts=throttle_bursts, drain_rebalances=drain_rebalances, consumers=consumers,
         max_in_flight=max_in_flight, timeout_s=timeout, keep_workdir=keep,
     )
     result = chaos_mod.run_chaos(opts, command=chaos_mod.command_line())

@@ -79,7 +79,7 @@ class KafkaSource:
             while not stop.is_set():
                 self._apply_backpressure(consumer)
                 free = self.window.free()
-                batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=max(free, 1))
+                batch = self._poll(consumer, stop, timeout_ms=self.kafka.poll_timeout_ms, max_records=max(free, 1))
                 if self.health is not None:
                     self.health.polled(self.tracker.in_flight())
                 for tp, records in batch.items():
@@ -118,11 +118,45 @@ class KafkaSource:
         consumer.pause(*consumer.assignment())
         deadline = time.monotonic() + self.worker.drain_timeout_s
         while self.tracker.in_flight() > 0 and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=100, max_records=1)
+            self._poll(consumer, None, timeout_ms=100, max_records=1)
             self._commit(consumer)
         left = self.tracker.in_flight()
         if left:
             log.warning("%s: drain timed out with %d open record(s); they will be redelivered", self.name, left)
+        self._settle_before_leaving(consumer)
+
+    def _settle_before_leaving(self, consumer: KafkaConsumer) -> None:
+        """Finish a rebalance this member is part of before the LeaveGroup that close() sends.
+
+        Found by `captioner chaos` (a SIGTERM drain while a replacement joins): the draining
+        member sent LeaveGroup while its JoinGroup was pending, the broker (Tansu 0.6) then made
+        it the new generation's leader anyway, and the group never completed another rebalance
+        (the remaining member's SyncGroup failed with REBALANCE_IN_PROGRESS every ~8 s for
+        minutes; it fetched nothing). Leaving from a settled membership avoids that path; bounded
+        by the session timeout, after which the broker expires us anyway.
+        """
+        coordinator = getattr(consumer, "_coordinator", None)  # kafka-python has no public view of it
+        deadline = time.monotonic() + self.kafka.session_timeout_ms / 1000
+        while coordinator is not None and coordinator.rebalance_in_progress() and time.monotonic() < deadline:
+            self._poll(consumer, None, timeout_ms=100, max_records=1)
+
+    def _poll(self, consumer: KafkaConsumer, stop: threading.Event | None, **kwargs: int) -> dict:
+        """consumer.poll(), riding out a broker that is briefly unreachable.
+
+        kafka-python 3.0 raises retriable errors such as KafkaConnectionError out of poll() when
+        it cannot reach the coordinator (found by `captioner chaos`: a poll during a broker
+        restart ended the loop and the worker exited 1). The Java client retries those inside
+        poll; here the loop backs off and polls again for as long as the outage lasts (the
+        session timeout decides membership, not this loop). Other errors still end the loop.
+        """
+        try:
+            return consumer.poll(**kwargs)
+        except KafkaError as e:
+            if not getattr(e, "retriable", False):
+                raise
+            log.warning("%s: poll failed (%s: %s); polling again", self.name, type(e).__name__, e)
+            (stop or threading.Event()).wait(0.2)
+            return {}
 
     def _commit(self, consumer: KafkaConsumer) -> None:
         offsets = self.tracker.to_commit()

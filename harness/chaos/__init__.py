@@ -3,13 +3,15 @@
 One process tree, everything embedded: SeaweedFS (S3) and a Tansu broker with durable `s3://`
 storage on it; Ray with two tiny-random replicas under an app name unique to the run; a fault
 proxy in front of S3; consumer workers as child processes, each a real Pipeline in one group.
-A feeder streams poison, awkward and valid requests while replicas, consumers and the broker
-are killed; afterwards every request must have a result or a dead letter with the expected
+A feeder streams poison (hostile records among it), awkward, near-limit and valid requests while
+replicas are killed and hung, consumers killed and drained mid-rebalance, the broker restarted and
+S3 throttled, dripped and cut; afterwards every request must have a result or a dead letter with the expected
 code, duplicates must stay within the in-flight window per redelivering fault, no secret may
 appear in any log line or output, and worker memory must stay bounded. docs/reliability.md.
 
 Modules by concern: `options` (what to do, the workers' settings), `corpus` (the request mix),
-`proxy` (S3 faults), `faults` (replica kills, broker restarts, when), `consumers` (the worker
+`hostile` (hostile records, near-limit images), `proxy` (S3 faults), `faults` (replica kills and
+hangs, broker restarts, when), `consumers` (the worker
 processes and their metrics dumps), `stream` (feeder, progress, outcome collector), `observe`
 (memory, log scan), `state` (the one run-state object), `run` (the phases), `report` (checks,
 evaluation, output).

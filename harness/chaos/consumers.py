@@ -52,6 +52,7 @@ class ConsumerWorker:
         ]  # fmt: skip
         self.env = env
         self.killed = False
+        self.drained = False  # sent SIGTERM mid-run: it must drain, commit and exit 0
         self._popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ConsumerWorker:
@@ -83,12 +84,21 @@ class ConsumerWorker:
             os.kill(self._popen.pid, signal.SIGKILL)
             self._popen.wait(30)
 
+    def sigterm(self) -> None:
+        """Ask it to drain and exit (mid-run); `terminate` later collects its exit code."""
+        if self._popen is not None and self._popen.poll() is None:
+            self.drained = True
+            os.kill(self._popen.pid, signal.SIGTERM)
+
     def terminate(self, timeout_s: float) -> int | None:
         """SIGTERM: the worker drains, commits and exits; SIGKILL past the timeout."""
         if self._popen is None:
             return None
         if self._popen.poll() is None:
-            os.kill(self._popen.pid, signal.SIGTERM)
+            # Once only: a drained worker already got its SIGTERM, and a second one landing
+            # while the process exits (Ray's shutdown restores the default handler) kills it -15.
+            if not self.drained:
+                os.kill(self._popen.pid, signal.SIGTERM)
             try:
                 self._popen.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -109,7 +119,8 @@ class ConsumerWorker:
 
 
 def read_metrics_file(path: Path) -> dict[str, float]:
-    """Sample name → value summed over labels, from a Prometheus text file ({} if none).
+    """Sample name → value summed over labels, and `name{label=value,…}` → each labelled
+    sample's own value, from a Prometheus text file ({} if none).
 
     `_created` timestamps are left out: they are not counts.
     """
@@ -124,6 +135,9 @@ def read_metrics_file(path: Path) -> dict[str, float]:
         for sample in family.samples:
             if not sample.name.endswith("_created"):
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+                if sample.labels:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    totals[f"{sample.name}{{{labels}}}"] = sample.value
     return totals
 
 

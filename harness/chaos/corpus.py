@@ -1,12 +1,14 @@
 """The request mix of a chaos run: valid images (some repeated, for the cache), awkward-but-valid
-images that must be captioned, and poison of every kind with the dead-letter code each must get.
+and near-limit images that must be captioned, and poison of every kind with the dead-letter code
+each must get (hostile records among them: `hostile`).
 
-Deterministic by seed; every request gets a unique id (its Kafka key, and its `id` where the
-value is a JSON object we control).
+Deterministic by seed; every request gets a unique id (its Kafka key, or the key's prefix for an
+oversized key, and its `id` where the value is a JSON object we control).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harness.chaos.hostile import HeaderList, hostile_records, near_limit_images
 from harness.chaos.options import BUCKET, PRIVATE_BUCKET, ChaosOptions
 from workers.config import LimitsConfig
 from workers.outcomes import RESULT
@@ -23,13 +26,26 @@ from workers.outcomes import RESULT
 
 @dataclass(frozen=True)
 class Case:
-    """One request to produce: its kind, the code it must end with, its value."""
+    """One request to produce: its kind, the code it must end with, its value (and key, headers)."""
 
     kind: str
     expected: str
     value: bytes | None
     id: str = ""
     size: tuple[int, int] | None = None  # (width, height) a result must report, where checked
+    headers: HeaderList = ()
+    key_pad: int = 0  # bytes appended to the key after the id (an oversized key)
+    expect_headers: HeaderList | None = None  # the headers its outcome must carry, where checked
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key: the unique id, padded for an oversized-key case."""
+        return self.id.encode() + (b"#" + b"k" * self.key_pad if self.key_pad else b"")
+
+    @property
+    def null_headers(self) -> bool:
+        """Whether a header value is null (kafka-python refuses to write those; librdkafka does)."""
+        return any(v is None for _, v in self.headers)
 
 
 def _png(width: int, height: int, rng: random.Random) -> bytes:
@@ -106,6 +122,7 @@ class Corpus:
 def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpus:
     rng = random.Random(opts.seed)
     objects: dict[tuple[str, str], bytes] = {}
+    near_rng = random.Random(opts.seed + 1)  # its own draws: the rest of the mix stays as it was
 
     def put(key: str, data: bytes, bucket: str = BUCKET) -> str:
         objects[(bucket, key)] = data
@@ -148,10 +165,11 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
         ("100_megapixels", "image_too_large", lambda: req(put("chaos/100mp.jpg", jpeg_declaring(10_000, 10_000)))),
     ]
     put("secret.png", _png(8, 8, rng), bucket=PRIVATE_BUCKET)
-    awkward = awkward_images()
+    awkward = awkward_images() | near_limit_images(limits, near_rng)
     awkward_uris = {kind: put(f"chaos/{kind}.img", data) for kind, (data, _) in awkward.items()}
 
-    n_poison = max(len(poison), int(opts.requests * opts.poison_fraction))
+    hostile = hostile_records(limits, f"s3://{BUCKET}/chaos/valid/0.png")
+    n_poison = max(len(poison) + len(hostile), int(opts.requests * opts.poison_fraction))
     n_awkward = max(len(awkward), opts.requests // 50)
     n_valid = max(1, opts.requests - n_poison - n_awkward)
     # Many distinct images, a third of the valid requests repeating one (the cache answers those).
@@ -168,9 +186,14 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
     for i in range(n_awkward):
         kind = awkward_kinds[i % len(awkward_kinds)]
         cases.append(Case(kind, RESULT, req(awkward_uris[kind]), size=awkward[kind][1]))
-    for i in range(n_poison):
+    n_hostile = max(len(hostile), n_poison * len(hostile) // (len(poison) + len(hostile)))
+    for i in range(n_poison - n_hostile):
         kind, code, make = poison[i % len(poison)]
         cases.append(Case(kind, code, make()))
+    for i in range(n_hostile):
+        h = hostile[i % len(hostile)]
+        cases.append(Case(h.kind, h.expected, h.value, headers=h.headers, key_pad=h.key_pad,
+                          expect_headers=h.expect_headers))  # fmt: skip
     rng.shuffle(cases)
     # The unique id goes into the value (where the value is a JSON object we control) and the key.
     out: list[Case] = []
@@ -180,7 +203,7 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
         if value is not None and (case.expected == RESULT or case.kind in _ID_IN_BODY):
             body = json.loads(value)  # type: ignore[arg-type]
             value = json.dumps({"id": case_id, **body}).encode()
-        out.append(Case(case.kind, case.expected, value, case_id, case.size))
+        out.append(dataclasses.replace(case, value=value, id=case_id))
     return Corpus(objects, out)
 
 
@@ -188,7 +211,7 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
 _ID_IN_BODY = {
     "huge_value", "http_reference", "file_reference", "metadata_service", "bucket_not_allowed", "key_escape",
     "missing_key", "object_too_large", "truncated_jpeg", "random_bytes", "text_file", "decompression_bomb",
-    "100_megapixels",
+    "100_megapixels", "non_utf8_header_key", "oversized_key", "oversized_headers",
 }
 
 

@@ -1,8 +1,13 @@
 """The faults a chaos run injects into the running system, and when.
 
-Replica kills (`ray.kill` of a Serve replica actor mid-batch), broker restarts (kill -9 and a
-start on the same port; durable storage keeps everything); consumer kills live with the consumer
-processes (`consumers.ConsumerWorker.kill`). S3 faults come from the proxy (`proxy.ChaosProxy`).
+Replica kills (`ray.kill` of a Serve replica actor mid-batch), hung replicas (SIGSTOP of the
+app's replica processes past `replicas.call_timeout_s`, then SIGCONT: Serve still counts them
+live, so the calls they hold hang until the worker's call deadline cancels and retries them; all
+of them, because with one stopped Serve's router sent the calls to the other: a 200-request run
+saw no call time out), broker
+restarts (kill -9 and a start on the same port; durable storage keeps everything); consumer kills
+and SIGTERM drains live with the consumer processes (`consumers.ConsumerWorker`). S3 faults,
+throttling bursts among them, come from the proxy (`proxy.ChaosProxy`).
 The run's Ray and replica app are set up here too: the app name is unique to the run, and only
 that app is deleted at the end.
 """
@@ -12,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +32,30 @@ from workers.embedded import Broker
 @dataclass(frozen=True)
 class Fault:
     at: float  # fraction of requests with an outcome
-    kind: str  # replica_kill, consumer_kill or broker_restart
+    kind: str  # one of FAULT_KINDS
+
+
+# Injected kinds, in round-robin order (a replica hang away from the replica kill: it waits for
+# the killed replica's replacement, so that no fresh replica takes the calls the hang holds up).
+FAULT_KINDS = ("replica_kill", "throttle_burst", "consumer_kill", "replica_hang", "broker_restart", "drain_rebalance")
+
+
+def fault_counts(opts: ChaosOptions) -> dict[str, int]:
+    """How many of each kind the options ask for."""
+    counts = {
+        "replica_kill": opts.kill_replicas,
+        "consumer_kill": opts.kill_consumers,
+        "broker_restart": opts.broker_restarts,
+        "replica_hang": opts.hang_replicas,
+        "throttle_burst": opts.throttle_bursts,
+        "drain_rebalance": opts.drain_rebalances,
+    }
+    return {kind: counts[kind] for kind in FAULT_KINDS}
 
 
 def fault_schedule(opts: ChaosOptions) -> list[Fault]:
     """Faults round-robin by kind, spread over 15–80 % of the stream (so each lands mid-stream)."""
-    queues = [
-        ["replica_kill"] * opts.kill_replicas,
-        ["consumer_kill"] * opts.kill_consumers,
-        ["broker_restart"] * opts.broker_restarts,
-    ]
+    queues = [[kind] * count for kind, count in fault_counts(opts).items()]
     kinds = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
     return [Fault(0.15 + 0.65 * (j + 0.5) / len(kinds), kind) for j, kind in enumerate(kinds)]
 
@@ -86,6 +107,58 @@ def kill_one_replica(app_name: str, rng: random.Random) -> str:
     # while Serve starts a new one (checked at the end of the run).
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     return victim
+
+
+def replica_pids(app_name: str) -> list[int]:
+    """Pids of the app's replica processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    needle = f"ServeReplica:{app_name}:".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+class ReplicaHangs:
+    """Stops an app's replica processes (SIGSTOP) and continues them after `hang_s` on a timer;
+    `resume_all` continues any still stopped (the run's cleanup: nothing is left frozen)."""
+
+    def __init__(self, hang_s: float):
+        self.hang_s = hang_s
+        self._stopped: set[int] = set()
+        self._lock = threading.Lock()
+        self._timers: list[threading.Timer] = []
+
+    def hang(self, app_name: str) -> list[int]:
+        """Stop every replica process of the app now; continue them `hang_s` later."""
+        pids = replica_pids(app_name)
+        with self._lock:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    self._stopped.add(pid)
+        timer = threading.Timer(self.hang_s, self._resume, args=(pids,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+        return pids
+
+    def _resume(self, pids: list[int]) -> None:
+        with self._lock:
+            for pid in pids:
+                if pid in self._stopped:
+                    self._stopped.discard(pid)
+                    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                        os.kill(pid, signal.SIGCONT)
+
+    def resume_all(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._resume(list(self._stopped))
 
 
 def restart_broker(broker: Broker) -> None:

@@ -1,6 +1,7 @@
 """What a chaos run is asked to do (`ChaosOptions`, the `chaos` command's flags) and the settings
-its workers run with: short Kafka sessions, frequent commits, raised retry counts, a configured
-(unused) SASL password whose leaking the run checks for.
+its workers run with: short Kafka sessions, frequent commits, the default retry budgets, two
+deadlines shortened so the slow faults land within a bounded run, and a configured (unused) SASL
+password whose leaking the run checks for.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "images"
 PRIVATE_BUCKET = "chaos-private"  # exists and holds an object, but is not allow-listed
 KAFKA_SECRET_ENV = "CAPTIONER_KAFKA__SASL_PASSWORD"
+# Defaults 60 s and 120 s; shortened so a dripping GET and a hung replica are cut off and
+# retried within the run (a dripped 5 KB image would take a minute; a hang, forever).
+FETCH_DEADLINE_S = 5.0
+CALL_TIMEOUT_S = 10.0
+# Near-limit images are decoded by the workers: 4 MP keeps that affordable on 2 cores
+# (the default is 50 MP).
+MAX_IMAGE_PIXELS = 4_000_000
 
 
 @dataclass
@@ -38,16 +46,33 @@ class ChaosOptions:
     s3_delay_rate: float = 0.02
     s3_truncate_rate: float = 0.02
     s3_delay_s: float = 0.3
+    # A GET whose body arrives 2 bytes every 0.25 s: only s3.fetch_deadline_s cuts it off
+    # (even the smallest object in the mix, a ~70-byte PNG, would take ~9 s).
+    s3_drip_rate: float = 0.01
+    s3_drip_bytes: int = 2
+    s3_drip_interval_s: float = 0.25
+    hang_replicas: int = 1  # times the replicas are SIGSTOPped past replicas.call_timeout_s, then SIGCONT
+    throttle_bursts: int = 1  # every S3 call answered 503 SlowDown for throttle_burst_s
+    throttle_burst_s: float = 2.5
+    drain_rebalances: int = 1  # SIGTERM a consumer (it drains) while a replacement joins the group
     consumers: int = 2
     partitions: int = 4
     max_in_flight: int = 32
     # Retries run on the defaults (worker.inference_retry_budget_s, s3.retry_budget_s: 30 s of
-    # backoff each): a killed replica or a burst of S3 faults must not need raised settings.
+    # backoff each; s3.backoff_s): a killed replica or a burst of S3 faults must not need raised
+    # settings. Two per-attempt deadlines are shortened instead, so a slow fault is cut off (and
+    # retried) within a bounded run: see FETCH_DEADLINE_S and CALL_TIMEOUT_S.
     poison_fraction: float = 0.12
     max_worker_rss_mb: int = 1500
     timeout_s: float | None = None  # default: scaled with requests
     workdir: Path | None = None
     keep_workdir: bool = False
+
+    @property
+    def hang_s(self) -> float:
+        """How long the replicas stay stopped: calls made in the first 8 s time out, and their
+        retries are answered once the replicas continue, inside the 30 s retry budget."""
+        return CALL_TIMEOUT_S + 8
 
     @property
     def deadline_s(self) -> float:
@@ -86,8 +111,8 @@ def chaos_settings(
         s3={
             "endpoint_url": s3_endpoint,
             "allowed_buckets": [BUCKET],
-            "backoff_s": 0.02,
             "read_timeout_s": 10,
+            "fetch_deadline_s": FETCH_DEADLINE_S,
         },
         worker=WorkerConfig(
             max_in_flight=opts.max_in_flight,
@@ -95,7 +120,11 @@ def chaos_settings(
             drain_timeout_s=60,
             revoke_grace_s=2,
         ),
-        replicas=ReplicasConfig(num_replicas=2, num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.02),
-        limits=LimitsConfig(max_message_bytes=256 * 1024, max_object_bytes=1024 * 1024),
+        replicas=ReplicasConfig(
+            num_replicas=2, num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.02, call_timeout_s=CALL_TIMEOUT_S
+        ),
+        limits=LimitsConfig(
+            max_message_bytes=256 * 1024, max_object_bytes=1024 * 1024, max_image_pixels=MAX_IMAGE_PIXELS
+        ),
         metrics=MetricsConfig(port=0),
     )

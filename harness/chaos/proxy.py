@@ -1,5 +1,6 @@
 """A fault-injecting HTTP proxy for tests and chaos runs: forwards to a real server (S3) and, by plan,
-answers 500/503, delays, drops the connection, or cuts a response body short.
+answers 500/503, delays, drops the connection, cuts a response body short or drips it; and, on
+demand (`throttle_for`), answers every request 503 SlowDown for a while (a throttling burst).
 
 Deterministic: faults are drawn from `random.Random(seed)` in the order requests arrive, and
 `fail_first=N` fails exactly the first N matching requests. Loopback only.
@@ -31,6 +32,7 @@ DELAYED = "delayed"
 DROPPED = "dropped"
 TRUNCATED = "truncated"
 DRIPPED = "dripped"
+THROTTLED = "throttled"  # answered 503 SlowDown during a throttling burst
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -73,6 +75,7 @@ class _State:
     rng: random.Random
     matched: int = 0
     seen: list[Seen] = field(default_factory=list)
+    throttled_until: float = 0.0  # time.monotonic(): every request is throttled before it
 
 
 class ChaosProxy:
@@ -120,6 +123,11 @@ class ChaosProxy:
             if seed is not None:
                 self._state.rng = random.Random(seed)
 
+    def throttle_for(self, seconds: float) -> None:
+        """A throttling burst: every request (whatever the plan) gets 503 SlowDown for `seconds`."""
+        with self._lock:
+            self._state.throttled_until = time.monotonic() + seconds
+
     @property
     def seen(self) -> list[Seen]:
         with self._lock:
@@ -155,6 +163,8 @@ class ChaosProxy:
         with self._lock:
             st = self._state
             plan = st.plan
+            if time.monotonic() < st.throttled_until:
+                return THROTTLED
             if plan.applies_to is not None and not plan.applies_to(method, path):
                 return FORWARDED
             st.matched += 1
@@ -164,7 +174,7 @@ class ChaosProxy:
                 (ERROR, plan.error_rate),
                 (DROPPED, plan.drop_rate),
                 (TRUNCATED, plan.truncate_rate),
-                (DRIPPED, plan.drip_rate),
+                (DRIPPED, plan.drip_rate if method == "GET" else 0.0),  # only a body can drip
                 (DELAYED, plan.delay_rate),
             ):
                 if rate > 0 and st.rng.random() < rate:
@@ -186,11 +196,11 @@ class ChaosProxy:
                 self._record(Seen(method, path, DROPPED, None, 0))
                 conn.shutdown(socket.SHUT_RDWR)
                 return
-            if outcome == ERROR:
-                status = self._state.plan.error_status
+            if outcome in (ERROR, THROTTLED):
+                status = 503 if outcome == THROTTLED else self._state.plan.error_status
                 payload = _s3_error_body(status)
                 # Recorded before answering, so a client that got the answer sees it in `seen`.
-                self._record(Seen(method, path, ERROR, status, len(payload)))
+                self._record(Seen(method, path, outcome, status, len(payload)))
                 _write_response(wfile, status, [("Content-Type", "application/xml")], payload, method)
                 continue
             if outcome == DELAYED:
@@ -219,6 +229,8 @@ class ChaosProxy:
                     conn.shutdown(socket.SHUT_RDWR)  # the client gave up on it
                     return
                 continue
+            if outcome == DRIPPED:
+                outcome = FORWARDED  # an empty body: nothing to drip
             self._record(Seen(method, path, outcome, status, 0 if method == "HEAD" else len(resp_body)))
             _write_response(wfile, status, resp_headers, resp_body, method)
 

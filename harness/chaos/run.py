@@ -32,9 +32,11 @@ from typing import Any
 
 from harness.chaos.corpus import build_corpus
 from harness.chaos.faults import (
+    ReplicaHangs,
     fault_schedule,
     kill_one_replica,
     replica_actor_names,
+    replica_pids,
     replicas_app,
     restart_broker,
 )
@@ -53,7 +55,7 @@ from harness.chaos.options import (
     tmp_root,
 )
 from harness.chaos.proxy import ChaosProxy, FaultPlan
-from harness.chaos.report import WORKER_COUNTERS, ChaosReport, evaluate
+from harness.chaos.report import ChaosReport, evaluate, worker_counters
 from harness.chaos.state import Observations, RunState
 from harness.chaos.stream import Collector, CommitProgress, Feeder, produce_end_markers
 from workers.embedded import Broker, S3Server, wait_until
@@ -117,6 +119,8 @@ def _start(
 
     app_name = f"chaos-{run_id}"
     stack.enter_context(replicas_app(settings, app_name, tmp_root() / "ray"))
+    hangs = ReplicaHangs(opts.hang_s)
+    stack.callback(hangs.resume_all)  # before the app is deleted: no replica is left stopped
     sampler = MemorySampler()
     sampler.start()
     stack.callback(sampler.stop)
@@ -134,10 +138,11 @@ def _start(
         opts=opts, command=command, run_id=run_id, workdir=workdir, secrets=secrets_to_find,
         rng=random.Random(opts.seed), started=started[0], started_wall=started[1], s3=s3, broker=broker,
         proxy=proxy, settings=settings, settings_path=settings_path, child_env=child_env, corpus=corpus,
-        app_name=app_name, sampler=sampler, progress=progress,
+        app_name=app_name, sampler=sampler, progress=progress, hangs=hangs,
         plan=FaultPlan(
             error_rate=opts.s3_error_rate, error_status=503, drop_rate=opts.s3_drop_rate,
             truncate_rate=opts.s3_truncate_rate, delay_rate=opts.s3_delay_rate, delay_s=opts.s3_delay_s,
+            drip_rate=opts.s3_drip_rate, drip_bytes=opts.s3_drip_bytes, drip_interval_s=opts.s3_drip_interval_s,
         ),
         feeder=Feeder(settings, corpus.cases, progress.done, lead=max(100, 4 * opts.max_in_flight * opts.consumers)),
         collector=Collector(settings, secrets_to_find),
@@ -181,10 +186,18 @@ def _inject_faults(state: RunState) -> None:
             if fault.kind == "replica_kill":
                 state.killed_replicas.append(kill_one_replica(state.app_name, state.rng))
             elif fault.kind == "consumer_kill":
-                state.rng.choice([w for w in state.workers if w.exit_code() is None]).kill()
+                state.rng.choice([w for w in state.workers if w.exit_code() is None and not w.drained]).kill()
                 state.spawn_worker()  # joins the group when it is up; the stream does not wait for it
             elif fault.kind == "broker_restart":
                 restart_broker(state.broker)
+            elif fault.kind == "replica_hang":
+                _wait_for_whole_replica_set(state)
+                state.hung_replicas.extend(pids := state.hangs.hang(state.app_name))
+                log.info("chaos: replica processes %s stopped for %.0f s", pids, opts.hang_s)
+            elif fault.kind == "throttle_burst":
+                proxy.throttle_for(opts.throttle_burst_s)
+            elif fault.kind == "drain_rebalance":
+                _drain_during_rebalance(state)
             state.faults[fault.kind] += 1
         if not half_flipped:
             proxy.set_plan(second_half)
@@ -192,13 +205,9 @@ def _inject_faults(state: RunState) -> None:
             all_committed, timeout_s=state.remaining_s(), interval_s=0.1, what="every request committed",
         )  # fmt: skip
         for w in state.workers:
-            if not w.killed:
+            if not w.killed and not w.drained:
                 w.wait_ready(timeout_s=state.remaining_s())
-        replicas = state.settings.replicas.num_replicas
-        wait_until(
-            lambda: len(set(replica_actor_names(state.app_name)) - set(state.killed_replicas)) >= replicas,
-            timeout_s=state.remaining_s(), interval_s=0.2, what="Serve to replace killed replicas",
-        )  # fmt: skip
+        _wait_for_whole_replica_set(state)
     except (TimeoutError, RuntimeError) as e:
         log.error("chaos: %s", e)
         state.exits.append(f"run: {e}")
@@ -207,13 +216,36 @@ def _inject_faults(state: RunState) -> None:
         state.feeder.join(30)
 
 
+def _wait_for_whole_replica_set(state: RunState) -> None:
+    """Until Serve has replaced every killed replica (and the replacements have processes)."""
+    replicas = state.settings.replicas.num_replicas
+    wait_until(
+        lambda: len(set(replica_actor_names(state.app_name)) - set(state.killed_replicas)) >= replicas
+        and len(replica_pids(state.app_name)) >= replicas,
+        timeout_s=state.remaining_s(), interval_s=0.2, what="Serve to replace killed replicas",
+    )  # fmt: skip
+
+
+def _drain_during_rebalance(state: RunState) -> None:
+    """A replacement joins the group and, as its join starts the rebalance, a live worker is sent
+    SIGTERM: it drains (keeps polling, so it takes part in the rebalance) and must exit 0."""
+    live = [w for w in state.workers if w.exit_code() is None and not w.killed and not w.drained and w.ready_path.exists()]
+    victim = state.rng.choice(live)
+    replacement = state.spawn_worker()
+    replacement.wait_ready(timeout_s=state.remaining_s())  # subscribed: its join is under way
+    victim.sigterm()
+    log.info("chaos: %s draining on SIGTERM while %s joins", victim.name, replacement.name)
+
+
 def _finish(state: RunState) -> None:
     """Graceful end: workers drain and commit, then markers close the outcome topics and a fresh
     reader reads every outcome up to them."""
     for w in state.workers:
+        killed_before = w.killed  # terminate() kills one that does not stop in time: that counts
         code = w.terminate(timeout_s=90)
-        if code not in (0, None) and not w.killed:
-            state.exits.append(f"{w.name}: exit code {code} on SIGTERM")
+        if code not in (0, None) and not killed_before:
+            when = "after its mid-run SIGTERM drain" if w.drained else "on SIGTERM"
+            state.exits.append(f"{w.name}: exit code {code} {when}")
     collector = state.collector
     try:
         produce_end_markers(state.settings)
@@ -233,6 +265,10 @@ def _observe(state: RunState) -> Observations:
         "replica_kills": state.faults["replica_kill"],
         "consumer_kills": state.faults["consumer_kill"],
         "broker_restarts": state.faults["broker_restart"],
+        "replica_hangs": state.faults["replica_hang"],
+        "replica_processes_stopped": len(state.hung_replicas),
+        "throttle_bursts": state.faults["throttle_burst"],
+        "drain_rebalances": state.faults["drain_rebalance"],
         "s3_requests": sum(proxy_counts.values()),
         **{f"s3_{k}": v for k, v in sorted(proxy_counts.items())},
         **{f"s3_error_{k}": v for k, v in sorted(error_statuses.items())},
@@ -250,8 +286,7 @@ def _observe(state: RunState) -> Observations:
     files, lines, file_leaks = scan_files(log_files + ray_log_files(state.started_wall), state.secrets)
     worker_metrics = {}
     for w in state.workers:
-        counters = w.metrics()
-        worker_metrics[w.name] = {name: counters.get(name, 0.0) for name in WORKER_COUNTERS} if counters else {}
+        worker_metrics[w.name] = worker_counters(w.metrics())
     return Observations(
         faults=faults,
         peak_rss_mb=state.sampler.report_mb(),

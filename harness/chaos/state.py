@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.chaos.consumers import ConsumerWorker
 from harness.chaos.corpus import Corpus
+from harness.chaos.faults import ReplicaHangs
 from harness.chaos.observe import MemorySampler
 from harness.chaos.options import ChaosOptions
 from harness.chaos.proxy import ChaosProxy, FaultPlan
@@ -46,11 +47,13 @@ class RunState:
     app_name: str  # the run's own Serve application
     sampler: MemorySampler
     progress: CommitProgress
+    hangs: ReplicaHangs
     feeder: Feeder
     collector: Collector
     workers: list[ConsumerWorker] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)  # kind → injected
     killed_replicas: list[str] = field(default_factory=list)
+    hung_replicas: list[int] = field(default_factory=list)  # pids stopped (and continued)
     exits: list[str] = field(default_factory=list)  # unexpected exits and run errors, for the report
 
     @property
@@ -71,7 +74,8 @@ class RunState:
         noted = {e.split(":")[0] for e in self.exits}
         for w in self.workers:
             code = w.exit_code()
-            if code is not None and not w.killed and w.name not in noted:
+            # A drained worker's exit is expected; its code is checked when the run ends.
+            if code is not None and not w.killed and not w.drained and w.name not in noted:
                 self.exits.append(f"{w.name}: exited with {code}")
 
 

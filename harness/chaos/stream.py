@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from harness.chaos.corpus import Case
@@ -21,7 +22,12 @@ END_MARKER_KEY = b"__chaos_end__"
 
 
 class Feeder(threading.Thread):
-    """Produces the cases, at most `lead` ahead of the outcomes seen; records each one's coordinates."""
+    """Produces the cases, at most `lead` ahead of the outcomes seen; records each one's coordinates.
+
+    Each case goes with its own key and headers; kafka-python writes most (a non-UTF-8 header key
+    through `RawHeaderKey`), librdkafka (confluent-kafka) the ones with a null header value,
+    which kafka-python refuses to send.
+    """
 
     def __init__(self, settings: Settings, cases: list[Case], progress: Callable[[], int], lead: int):
         super().__init__(name="chaos-feeder", daemon=True)
@@ -36,6 +42,7 @@ class Feeder(threading.Thread):
         self.acks_without_offset = 0
         self.resends = 0
         self.error: BaseException | None = None
+        self._nullable: _NullableHeaderProducer | None = None
         self.done = threading.Event()
         self._halt = threading.Event()
 
@@ -46,6 +53,7 @@ class Feeder(threading.Thread):
 
         kafka = self.settings.kafka
         producer = KafkaProducer(**producer_kwargs(kafka, self.settings.limits))
+        self._nullable = _NullableHeaderProducer(kafka.bootstrap_servers) if any(c.null_headers for c in self.cases) else None
         try:
             chunk = 25
             for start in range(0, len(self.cases), chunk):
@@ -66,10 +74,15 @@ class Feeder(threading.Thread):
     def _send(self, producer: Any, indices: list[int], attempts: int = 5) -> None:
         topic = self.settings.kafka.input_topic
         for _attempt in range(1, attempts + 1):
+            nullable = [i for i in indices if self.cases[i].null_headers]
             futures = [
-                (i, producer.send(topic, value=self.cases[i].value, key=self.cases[i].id.encode())) for i in indices
-            ]
+                (i, producer.send(topic, value=c.value, key=c.key, headers=list(c.headers)))
+                for i in indices if not (c := self.cases[i]).null_headers
+            ]  # fmt: skip
             producer.flush(timeout=120)
+            if nullable:
+                assert self._nullable is not None
+                futures += self._nullable.send(topic, [(i, self.cases[i]) for i in nullable])
             failed = []
             for i, future in futures:
                 try:
@@ -97,6 +110,51 @@ class Feeder(threading.Thread):
         self._halt.set()
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    """A librdkafka delivery report in the shape of kafka-python's future + RecordMetadata."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: Any = None
+
+    def get(self, timeout: float = 0) -> _Delivered:
+        if self.error is not None:
+            raise RuntimeError(f"librdkafka delivery failed: {self.error}")
+        return self
+
+
+class _NullableHeaderProducer:
+    """confluent-kafka's Producer for records with a null header value (kafka-python raises
+    TypeError on them): a Go or librdkafka client writes such records without complaint.
+
+    One librdkafka producer per send, dropped after its flush: a long-lived one keeps
+    reconnecting (and logging to stderr) across broker restarts and after the run.
+    """
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+
+    def send(self, topic: str, cases: list[tuple[int, Case]]) -> list[tuple[int, _Delivered]]:
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "acks": "all", "enable.idempotence": True},
+                            logger=log)  # fmt: skip
+        reports: dict[int, _Delivered] = {}
+
+        def report(i: int) -> Callable[[Any, Any], None]:
+            def on_delivery(err: Any, msg: Any) -> None:
+                reports[i] = _Delivered(topic, msg.partition(), msg.offset() if err is None else -1, err)
+
+            return on_delivery
+
+        for i, case in cases:
+            producer.produce(topic, value=case.value, key=case.key, headers=list(case.headers), on_delivery=report(i))
+        producer.flush(120)
+        return [(i, reports.get(i, _Delivered(topic, -1, -1, "no delivery report"))) for i, _ in cases]
+
+
 class Collector(threading.Thread):
     """Reads the results and dead-letter topics from the start (no group) up to the end markers,
     scanning each record for secrets.
@@ -112,6 +170,7 @@ class Collector(threading.Thread):
         self.settings = settings
         self.secrets = [s.encode() for s in secrets_to_find]
         self.outcomes: list[Outcome] = []
+        self.headers: dict[bytes, list[list[tuple[str, bytes]]]] = {}  # outcome key → each one's headers
         self.seen: set[tuple[str, int, int]] = set()
         self.markers: set[str] = set()
         self.records_scanned = 0
@@ -148,6 +207,7 @@ class Collector(threading.Thread):
         with self._lock:
             self.records_scanned += 1
             self.outcomes.append(outcome)
+            self.headers.setdefault(record.key or b"", []).append(list(record.headers or []))
             if outcome.coordinate is not None:
                 self.seen.add(outcome.coordinate)
 
