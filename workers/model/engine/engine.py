@@ -57,7 +57,7 @@ class CaptionEngine:
         start = generation.decoder_start_token_id
         if start is None:
             start = config.decoder_start_token_id
-        eos = generation.eos_token_id
+        eos = generation.eos_token_id if generation.eos_token_id is not None else config.decoder.eos_token_id
         if isinstance(eos, list):
             eos = eos[0] if len(eos) == 1 else None
         pad = generation.pad_token_id
@@ -91,9 +91,11 @@ class CaptionEngine:
         for name in _UNSUPPORTED_GENERATION:
             if getattr(generation, name, None):
                 return f"generation_config.{name}"
-        if (generation.min_length or 0) > 0 or (generation.max_length is None):
+        # The engine stops on max_new_tokens from the params; only a model-level minimum length
+        # would change what it decodes. (transformers 5 leaves max_length unset: that is fine.)
+        if (generation.min_length or 0) > 0:
             return "generation_config.min_length"
-        eos = generation.eos_token_id
+        eos = generation.eos_token_id if generation.eos_token_id is not None else config.decoder.eos_token_id
         if eos is None or (isinstance(eos, list) and len(eos) != 1):
             return "generation_config.eos_token_id (engine: exactly one)"
         return None
