@@ -71,7 +71,7 @@ def resolve_model_dir(cfg: ModelConfig, s3_cfg: S3Config | None = None) -> Resol
     """`cfg.source` → a local model directory (downloading or building it if needed)."""
     source = cfg.source
     if source == TOY_SHAPES:
-        from workers.model.toy.train import SHIPPED
+        from workers.model.toy import SHIPPED
 
         return ResolvedModel(path=_check_model_dir(SHIPPED), name=TOY_SHAPES, untrained=False)
     if source == TINY_RANDOM:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workers.model.toy import SHIPPED
 from workers.model.toy.scenes import IMAGE_SIZE, WORDS, dataset
 
-SHIPPED = Path(__file__).parent / "weights"
 TOY_MARKER = "captioner-toy.json"
 MAX_TOKENS = 12  # the longest caption is 8 words + end-of-text
 
