@@ -76,7 +76,11 @@ log = logging.getLogger(__name__)
 
 INGRESS_NAME = "CaptionIngress"
 INGEST_NAME = "KafkaIngest"
-INGRESS_MAX_ONGOING_CALLS = 64  # configs/serve.yaml may set another value per environment
+INGRESS_MAX_ONGOING_CALLS = 64
+# Ray/Serve errors that mean "not now" for a batch call: the ingest retries a 503 until it goes.
+_NOT_NOW = frozenset(
+    {"BackPressureError", "DeploymentUnavailableError", "RayActorError", "ActorDiedError", "ActorUnavailableError"}
+)  # configs/serve.yaml may set another value per environment
 
 # Each dead-letter code as an HTTP status: the client's fault is 4xx, ours or upstream's 5xx,
 # and nothing the request contains can produce a bare 500.
@@ -386,9 +390,14 @@ class CaptionIngress:
         except Overloaded as e:
             metrics.HTTP_REJECTED.labels("overloaded").inc()
             return error_response("unavailable", str(e), 503, {"Retry-After": "1"})
-        except Exception as e:  # BackPressureError, RayActorError, a replica still starting
-            log.warning("batch not taken: %s", describe(e))
-            return error_response("unavailable", describe(e), 503, {"Retry-After": "1"})
+        except Exception as e:
+            if type(e).__name__ in _NOT_NOW:  # backpressure, a replica that died, none started yet
+                log.warning("batch not taken: %s", describe(e))
+                return error_response("unavailable", describe(e), 503, {"Retry-After": "1"})
+            # Anything else failed in the replica itself: each image gets it in-band (its dead
+            # letter says why) instead of a 503 the ingest would retry for ever.
+            log.exception("replica call failed for a batch")
+            answers = [ReplicaAnswer([], None, len(items), 0.0, error=describe(e)) for _ in items]
         return SafeJSONResponse(encode_answers(answers))
 
     @api.get(INFO_PATH, summary="The replicas' model identity and input size")

@@ -61,6 +61,10 @@ class StandInModel:
         self.spec = spec or PreprocessSpec()
         self.info = ModelInfo(name=profile.source, backend=STAND_IN, untrained=True, spec=self.spec)
 
+    def submit(self, pixels: np.ndarray, params: GenerationParams) -> None:
+        """No continuous batching here: the replica takes its static @serve.batch path."""
+        return None
+
     def caption(self, pixels: np.ndarray, params: GenerationParams) -> list[CaptionOutput]:
         n = int(pixels.shape[0])
         time.sleep(self.profile.batch_ms(n) / 1000)
