@@ -6,7 +6,7 @@
 ```
              ┌─────────────── CaptionIngress (FastAPI: /v1/captions, /healthz, /readyz) ──┐
 HTTP ───────►│                                                                            ├──► CaptionReplica × N
-Kafka ──────►└─────────────── KafkaIngest (consumer-group members: workers.pipeline) ─────┘     (GPU-pinned, @serve.batch)
+Kafka ──────►└─────────────── KafkaIngest (consumer-group members: workers.pipeline) ─────┘  (GPU-pinned, engine)
 ```
 
 Settings travel to the deployments as plain data without secrets (`Settings.portable()`); each
@@ -24,7 +24,6 @@ The HTTP ingress is safe to expose (README, "HTTP API"):
   (or the HTTP-only `unauthorized` / `overloaded`); anything unexpected is logged and answered
   with the code of the stage it happened in; responses are encoded so that no value can fail.
 """
-
 
 import asyncio
 import hashlib
@@ -115,9 +114,14 @@ def settings_from_args(args: dict[str, Any]) -> Settings:
     if settings.kafka.embedded or settings.s3.embedded:
         raise ConfigError(
             "serve args",
-            [{"loc": ("kafka.bootstrap_servers / s3.endpoint_url",), "input": "embedded",
-              "msg": "'embedded' starts servers inside one process; in a Serve application give real "
-                     "addresses (`captioner serve` resolves 'embedded' before deploying)"}],
+            [
+                {
+                    "loc": ("kafka.bootstrap_servers / s3.endpoint_url",),
+                    "input": "embedded",
+                    "msg": "'embedded' starts servers inside one process; in a Serve application give real "
+                    "addresses (`captioner serve` resolves 'embedded' before deploying)",
+                }
+            ],
         )
     return settings
 
@@ -185,9 +189,7 @@ class KafkaIngest:
         return {
             "running": p is not None and not p.stopping,
             "in_flight": p.window.count if p else 0,
-            "assignment": sorted(
-                f"{tp.topic}:{tp.partition}" for s in (p.sources if p else []) for tp in s.assignment
-            ),
+            "assignment": sorted(f"{tp.topic}:{tp.partition}" for s in (p.sources if p else []) for tp in s.assignment),
         }
 
     def __del__(self) -> None:
@@ -199,6 +201,7 @@ class KafkaIngest:
 # -- HTTP ingress ---------------------------------------------------------------------------
 # (Helpers first: the ingress class is shipped to its replicas by value, with the globals it
 # finds defined at that point.)
+
 
 async def _upload(request: Request, body: bytes, content_type: str) -> tuple[bytes, dict[str, str]]:
     """A raw image body (fields from the query string) or a multipart form with field `image`."""
@@ -242,7 +245,6 @@ def _upload_request(data: bytes, fields: dict[str, str], settings: Settings) -> 
     )
 
 
-
 class _Progress:
     """Which stage an HTTP request has reached, for the code of an unexpected error."""
 
@@ -253,7 +255,7 @@ api = FastAPI(
     title="captioner",
     version="0.1.0",
     description="Image captioning with ViT-GPT2. POST an image (raw body or multipart field `image`) "
-    "or JSON {\"image\": \"s3://…\", \"params\": {…}}; the answer has the results topic's schema.",
+    'or JSON {"image": "s3://…", "params": {…}}; the answer has the results topic\'s schema.',
 )
 
 
@@ -270,9 +272,17 @@ class CaptionIngress:
         self.ingest = ingest
         self.tokens = load_tokens(self.settings)
         if http.auth == "required" and not self.tokens:
-            raise ConfigError("http auth", [{"loc": ("http", "auth_tokens"), "input": None,
-                                             "msg": "http.auth is 'required' but no token is configured: set "
-                                                    "CAPTIONER_HTTP__AUTH_TOKENS or http.auth_tokens_file"}])
+            raise ConfigError(
+                "http auth",
+                [
+                    {
+                        "loc": ("http", "auth_tokens"),
+                        "input": None,
+                        "msg": "http.auth is 'required' but no token is configured: set "
+                        "CAPTIONER_HTTP__AUTH_TOKENS or http.auth_tokens_file",
+                    }
+                ],
+            )
         self.admission = Admission(http.max_concurrent_requests, http.max_body_bytes_in_flight)
         self.fetcher = Fetcher(make_s3_client(self.settings.s3), self.settings.s3, self.settings.limits)
         self._model_info: ReplicaInfo | None = None
@@ -299,7 +309,9 @@ class CaptionIngress:
     async def caption(self, request: Request) -> JSONResponse:
         """Auth, then admission, then the stages; every way out is JSON with a code."""
         if not self._authorized(request):
-            return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+            return error_response(
+                "unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"}
+            )
         progress = _Progress()
         try:
             with self.admission.request() as allowance:
@@ -332,8 +344,10 @@ class CaptionIngress:
             req = self.stages.parse(body)
             ensure_encodable(req)
             if not settings.http.allow_s3_references:
-                raise Rejected(ErrorCode.FORBIDDEN_REFERENCE,
-                               "s3:// references are not accepted over HTTP here (http.allow_s3_references)")
+                raise Rejected(
+                    ErrorCode.FORBIDDEN_REFERENCE,
+                    "s3:// references are not accepted over HTTP here (http.allow_s3_references)",
+                )
             progress.stage = "fetch"
             data = (await asyncio.to_thread(self.stages.fetch, req.image, timings)).data
         else:
@@ -353,8 +367,14 @@ class CaptionIngress:
             raise Rejected(ErrorCode.INFERENCE_FAILED, describe(e)) from None
         timings["inference"] = answer.inference_ms
         return result_record(
-            req, captions=answer.captions, model=info.model, cached=False,
-            width=prepared.width, height=prepared.height, timings_ms=timings, scores=answer.scores,
+            req,
+            captions=answer.captions,
+            model=info.model,
+            cached=False,
+            width=prepared.width,
+            height=prepared.height,
+            timings_ms=timings,
+            scores=answer.scores,
         )
 
     async def _info(self) -> ReplicaInfo:
@@ -376,7 +396,9 @@ class CaptionIngress:
         replica yet — is 503 with Retry-After, which the ingest retries and never dead-letters.
         """
         if not self._authorized(request):
-            return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+            return error_response(
+                "unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"}
+            )
         try:
             # The same admission as /v1/captions: over it, a 503 the ingest retries (backpressure).
             with self.admission.request() as allowance:
@@ -403,7 +425,9 @@ class CaptionIngress:
     @api.get(INFO_PATH, summary="The replicas' model identity and input size")
     async def replica_info(self, request: Request) -> JSONResponse:
         if not self._authorized(request):
-            return error_response("unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+            return error_response(
+                "unauthorized", "missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"}
+            )
         try:
             info = await asyncio.wait_for(self._info(), timeout=30)
         except Exception as e:  # the model is still loading, or failed to

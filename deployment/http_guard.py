@@ -58,8 +58,9 @@ def ensure_encodable(req: CaptionRequest) -> None:
     """What the caller gave (id, params, metadata) must survive the answer's JSON: strict UTF-8
     (no lone surrogates) and finite numbers, else the request is invalid_message."""
     try:
-        json.dumps([req.id, req.image, req.metadata, req.params.model_dump(mode="python")],
-                   ensure_ascii=False, allow_nan=False).encode("utf-8")
+        json.dumps(
+            [req.id, req.image, req.metadata, req.params.model_dump(mode="python")], ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
     except (ValueError, UnicodeEncodeError) as e:
         raise Rejected(ErrorCode.INVALID_MESSAGE, f"not representable as strict JSON: {type(e).__name__}") from None
 
@@ -68,8 +69,16 @@ def load_tokens(settings: Settings) -> list[bytes]:
     """The accepted bearer tokens: the environment's (http.auth_tokens) and the file's lines."""
     tokens = [t.encode() for t in settings.http.token_strings()]
     if any(len(t) < MIN_TOKEN_CHARS for t in tokens):
-        raise ConfigError("http auth", [{"loc": ("http", "auth_tokens_file"), "input": None,
-                                         "msg": f"each token must be at least {MIN_TOKEN_CHARS} characters"}])
+        raise ConfigError(
+            "http auth",
+            [
+                {
+                    "loc": ("http", "auth_tokens_file"),
+                    "input": None,
+                    "msg": f"each token must be at least {MIN_TOKEN_CHARS} characters",
+                }
+            ],
+        )
     return tokens
 
 

@@ -50,8 +50,10 @@ def _serve(settings: Settings) -> int:
             stop = threading.Event()
             on_stop_signals(stop.set)
             url = f"http://{resolved.http.host}:{resolved.http.port}{resolved.http.route_prefix.rstrip('/')}"
-            console.print(f"[bold green]captioner serving[/] {url}/v1/captions (OpenAPI: {url}/docs); "
-                          f"consuming {kafka.input_topic} → {kafka.output_topic}")
+            console.print(
+                f"[bold green]captioner serving[/] {url}/v1/captions (OpenAPI: {url}/docs); "
+                f"consuming {kafka.input_topic} → {kafka.output_topic}"
+            )
             stop.wait()
             console.print("[yellow]stopping: no new requests; the ingest drains and commits…[/]")
             serve.delete(resolved.ray.app_name)  # waits for the replicas' graceful shutdown

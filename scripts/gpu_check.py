@@ -46,9 +46,13 @@ def _params_stand_in() -> None:
 
         def generate_kwargs(self) -> dict:
             return {
-                "num_beams": self.beam_size, "do_sample": self.do_sample, "max_new_tokens": self.max_output_length,
-                "min_new_tokens": self.min_output_length, "repetition_penalty": self.repetition_penalty,
-                "no_repeat_ngram_size": self.no_repeat_ngram_size, "num_return_sequences": self.n_return_sequences,
+                "num_beams": self.beam_size,
+                "do_sample": self.do_sample,
+                "max_new_tokens": self.max_output_length,
+                "min_new_tokens": self.min_output_length,
+                "repetition_penalty": self.repetition_penalty,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "num_return_sequences": self.n_return_sequences,
             }
 
     module = types.ModuleType("workers.params")
@@ -65,8 +69,8 @@ import transformers
 
 from workers.model.architectures import random_model
 from workers.model.engine.engine import CaptionEngine
-from workers.params import GenerationParams
 from workers.model.toy.scenes import WORDS, dataset
+from workers.params import GenerationParams
 
 # A CPU dry run (no GPU visible) goes through every step with the smallest sizes.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,8 +124,8 @@ def toy_check() -> None:
     for precision in ("float32", "bfloat16"):
         engine = CaptionEngine(model, device=DEVICE, precision=precision, max_images=128)
         texts[precision] = [to_text(r.sequences[0]) for r in engine.generate(pixels, params)]
-    accuracy = sum(t == c for t, c in zip(texts["float32"], captions)) / len(captions)
-    agree = sum(a == b for a, b in zip(texts["float32"], texts["bfloat16"])) / len(captions)
+    accuracy = sum(t == c for t, c in zip(texts["float32"], captions, strict=False)) / len(captions)
+    agree = sum(a == b for a, b in zip(texts["float32"], texts["bfloat16"], strict=False)) / len(captions)
     print(f"{elapsed()} toy: fp32 held-out accuracy {accuracy:.3f}; bf16 captions identical to fp32: {agree:.3f}")
 
 
@@ -131,7 +135,9 @@ def throughput(model, batches: tuple[int, ...]) -> None:
     low = copy.deepcopy(model).to(torch.bfloat16)
     engines = {
         "engine bf16": CaptionEngine(model, device=DEVICE, precision="bfloat16", max_images=max(batches)),
-        "engine bf16 + CUDA graphs": CaptionEngine(model, device=DEVICE, precision="bfloat16", max_images=max(batches), cuda_graphs=True),
+        "engine bf16 + CUDA graphs": CaptionEngine(
+            model, device=DEVICE, precision="bfloat16", max_images=max(batches), cuda_graphs=True
+        ),
     }
 
     def timed(fn) -> float:
@@ -158,8 +164,11 @@ def main() -> None:
         print("no GPU visible: CPU dry run at the smallest sizes (figures mean nothing)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    print(f"device: {torch.cuda.get_device_name(0) if not DRY else 'cpu'}; torch {torch.__version__}; transformers {transformers.__version__}; "
-          f"python {sys.version.split()[0]}")
+    print(
+        f"device: {torch.cuda.get_device_name(0) if not DRY else 'cpu'}; torch {torch.__version__}; "
+        f"transformers {transformers.__version__}; "
+        f"python {sys.version.split()[0]}"
+    )
     tiny = random_model("tiny", 256, seed=0).to(DEVICE).eval()
     with torch.no_grad():
         tiny.decoder.lm_head.weight[255] *= 6.0  # the tiny-random model's end-of-text gain (loading.TINY_EOS_GAIN)
@@ -169,13 +178,21 @@ def main() -> None:
         "tiny beam 2": GenerationParams(beam_size=2),
         "tiny beam 4, 2 returned": GenerationParams(beam_size=4, n_return_sequences=2),
         "tiny min 4 / max 6": GenerationParams(beam_size=2, min_output_length=4, max_output_length=6),
-        "tiny repetition 1.8 + no-repeat 2": GenerationParams(beam_size=3, repetition_penalty=1.8, no_repeat_ngram_size=2),
+        "tiny repetition 1.8 + no-repeat 2": GenerationParams(
+            beam_size=3, repetition_penalty=1.8, no_repeat_ngram_size=2
+        ),
     }.items():
         identity(tiny, pixels, params, label, max_images=4)
     toy_check()
     full = random_model("full", 50257, seed=0).to(DEVICE).eval()
     n_full = 2 if DRY else 8
-    identity(full, torch.randn(n_full, 3, 224, 224, device=DEVICE), GenerationParams(beam_size=2), "full-size beam 2", max_images=4)
+    identity(
+        full,
+        torch.randn(n_full, 3, 224, 224, device=DEVICE),
+        GenerationParams(beam_size=2),
+        "full-size beam 2",
+        max_images=4,
+    )
     batches = tuple(int(b) for b in sys.argv[1:]) or ((2,) if DRY else (64, 128, 256))
     throughput(full, batches)
     print(f"{elapsed()} done")

@@ -19,4 +19,8 @@ def test_quick_engine_bench_is_consistent(capsys) -> None:
     p50 = {m.group(1): float(m.group(2)) for m in re.finditer(r"(continuous|static)\s+p50\s+([\d.]+) s", out)}
     assert set(p50) == {"continuous", "static"}
     ratio_line = re.search(r"p50 continuous / static: ([\d.]+)", out)
-    assert ratio_line and abs(float(ratio_line.group(1)) - p50["continuous"] / p50["static"]) < 0.01 + 0.01 * p50["continuous"] / p50["static"]
+    assert (
+        ratio_line
+        and abs(float(ratio_line.group(1)) - p50["continuous"] / p50["static"])
+        < 0.01 + 0.01 * p50["continuous"] / p50["static"]
+    )

@@ -87,7 +87,7 @@ def test_a_request_larger_than_the_budget_waits_for_all_of_it_and_holds_it_alone
 def test_waiters_are_served_in_arrival_order_so_a_large_one_is_not_starved() -> None:
     budget = MemoryBudget(100)
     release, granted = threading.Event(), []
-    holder = _holder(budget, 60, release, granted)
+    _holder(budget, 60, release, granted)
     wait_until(lambda: granted == [60], timeout_s=5, what="holder")
     order: list[str] = []
     big = threading.Thread(target=lambda: (budget.acquire(90), order.append("big")), daemon=True)

@@ -142,8 +142,19 @@ def test_worker_counters_are_read_from_a_registry_dump(tmp_path: Path) -> None:
 def test_chaos_command_is_registered() -> None:
     result = CliRunner().invoke(app, ["chaos", "--help"])
     assert result.exit_code == 0
-    for flag in ("--requests", "--seed", "--report", "--kill-replicas", "--kill-consumers", "--broker-restarts",
-                 "--s3-error-rate", "--s3-drip-rate", "--hang-replicas", "--throttle-bursts", "--drain-rebalances"):
+    for flag in (
+        "--requests",
+        "--seed",
+        "--report",
+        "--kill-replicas",
+        "--kill-consumers",
+        "--broker-restarts",
+        "--s3-error-rate",
+        "--s3-drip-rate",
+        "--hang-replicas",
+        "--throttle-bursts",
+        "--drain-rebalances",
+    ):
         assert flag in result.output
 
 
@@ -152,14 +163,24 @@ def test_chaos_command_is_registered() -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_chaos_run_loses_nothing_under_kills_hangs_drains_restarts_and_s3_faults(ray_serve: None, tmp_path: Path) -> None:
+def test_chaos_run_loses_nothing_under_kills_hangs_drains_restarts_and_s3_faults(
+    ray_serve: None, tmp_path: Path
+) -> None:
     import ray
     from ray import serve
 
     apps_before = set(serve.status().applications)
     opts = ChaosOptions(
-        requests=300, seed=11, kill_replicas=1, kill_consumers=1, broker_restarts=1, hang_replicas=1,
-        throttle_bursts=1, drain_rebalances=1, s3_drip_rate=0.02, workdir=tmp_path / "run",
+        requests=300,
+        seed=11,
+        kill_replicas=1,
+        kill_consumers=1,
+        broker_restarts=1,
+        hang_replicas=1,
+        throttle_bursts=1,
+        drain_rebalances=1,
+        s3_drip_rate=0.02,
+        workdir=tmp_path / "run",
     )
     report = run_chaos(opts, command="pytest tests/test_chaos.py")
     write_report(report, tmp_path / "report.json")
@@ -171,8 +192,14 @@ def test_chaos_run_loses_nothing_under_kills_hangs_drains_restarts_and_s3_faults
     # (Outcomes at unknown coordinates may exist: copies of requests the broker acknowledged
     # with offset -1 and the feeder sent again; "no stray outcomes" checks they carry known ids.)
     assert report.lost == 0, summary
-    for kind in ("replica_kills", "consumer_kills", "broker_restarts", "replica_hangs", "throttle_bursts",
-                 "drain_rebalances"):
+    for kind in (
+        "replica_kills",
+        "consumer_kills",
+        "broker_restarts",
+        "replica_hangs",
+        "throttle_bursts",
+        "drain_rebalances",
+    ):
         assert report.faults[kind] == 1, (kind, summary)
     assert report.faults["s3_error"] > 0 and report.faults["s3_dropped"] > 0, summary
     # The slow faults bit: a hang cancelled calls, a burst throttled fetches, a drip hit the deadline.

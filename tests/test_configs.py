@@ -101,8 +101,11 @@ def test_no_secret_in_config_files(path: Path) -> None:
 def test_serve_yaml_is_a_valid_serve_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(_serve()) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(_serve())
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(_serve())
+    )
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 8000
     (app,) = schema.applications
     assert (app.name, app.route_prefix, app.import_path) == ("captioner", "/", "deployment.app:build_app")

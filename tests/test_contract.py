@@ -28,8 +28,9 @@ def parse(value, **kw):
 
 
 def test_full_request_and_bare_reference():
-    req = parse(json.dumps({"id": "a", "image": "s3://images/x.jpg", "params": {"beam_size": 4},
-                            "metadata": {"k": 1}}).encode())
+    req = parse(
+        json.dumps({"id": "a", "image": "s3://images/x.jpg", "params": {"beam_size": 4}, "metadata": {"k": 1}}).encode()
+    )
     assert (req.id, req.image, req.params.beam_size, req.metadata) == ("a", "s3://images/x.jpg", 4, {"k": 1})
     assert req.params.max_output_length == DEFAULTS.max_output_length
     bare = parse(b"s3://images/y.jpg")
@@ -94,15 +95,23 @@ def test_scheme_is_case_insensitive_and_star_allows_any_bucket():
 
 def test_result_record_fields():
     req = parse(b'{"id": "a", "image": "s3://images/x.jpg", "params": {"n_return_sequences": 2}}')
-    rec = result_record(req, captions=["one", "two"], model={"name": "m", "backend": "torch", "untrained": True},
-                        cached=False, width=640, height=480, timings_ms={"fetch": 1.23456})
+    rec = result_record(
+        req,
+        captions=["one", "two"],
+        model={"name": "m", "backend": "torch", "untrained": True},
+        cached=False,
+        width=640,
+        height=480,
+        timings_ms={"fetch": 1.23456},
+    )
     assert rec["caption"] == "one" and rec["captions"] == ["one", "two"]
     assert rec["params"]["n_return_sequences"] == 2 and rec["params"]["beam_size"] == 2
     assert rec["source"] == {"topic": "images", "partition": 2, "offset": 41}
     assert rec["metadata"] == {} and rec["model"]["untrained"] is True
     assert rec["timings_ms"] == {"fetch": 1.235}
-    single = result_record(parse(b"s3://images/x.jpg"), captions=["c"], model={}, cached=True,
-                           width=1, height=1, timings_ms={})
+    single = result_record(
+        parse(b"s3://images/x.jpg"), captions=["c"], model={}, cached=True, width=1, height=1, timings_ms={}
+    )
     assert "captions" not in single and single["cached"] is True
 
 
@@ -112,8 +121,9 @@ def test_dead_letter_echoes_text_binary_and_truncates():
     assert text["error"] == {"code": "invalid_message", "message": "m"}
     binary = dead_letter_record(code=ErrorCode.INVALID_MESSAGE, message="m", value=b"\xff\x00", source=SRC, attempts=1)
     assert base64.b64decode(binary["request"]) == b"\xff\x00" and binary["request_encoding"] == "base64"
-    big = dead_letter_record(code=ErrorCode.INVALID_MESSAGE, message="m", value=b"a" * (MAX_ECHO_BYTES + 5),
-                             source=SRC, attempts=1)
+    big = dead_letter_record(
+        code=ErrorCode.INVALID_MESSAGE, message="m", value=b"a" * (MAX_ECHO_BYTES + 5), source=SRC, attempts=1
+    )
     assert big["request_truncated"] is True and len(big["request"]) == MAX_ECHO_BYTES
     tomb = dead_letter_record(code=ErrorCode.INVALID_MESSAGE, message="m", value=None, source=SRC, attempts=1)
     assert tomb["request"] is None

@@ -26,12 +26,11 @@ from helpers.worker_fixtures import (
     upload,
     worker_settings,
 )
-
 from workers.config import HttpConfig, LimitsConfig, MetricsConfig, ModelConfig
 from workers.contract import ErrorCode
 from workers.embedded import wait_until
-from workers.replica_wire import INFO_PATH
 from workers.kafkaclient import ensure_topics
+from workers.replica_wire import INFO_PATH
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray]
 
@@ -42,7 +41,19 @@ PREFIX = "/captioner"
 BODY_LIMIT = 300_000
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-RESULT_KEYS = {"id", "image", "caption", "model", "params", "metadata", "cached", "source", "width", "height", "timings_ms"}
+RESULT_KEYS = {
+    "id",
+    "image",
+    "caption",
+    "model",
+    "params",
+    "metadata",
+    "cached",
+    "source",
+    "width",
+    "height",
+    "timings_ms",
+}
 
 
 def serve_yaml_app() -> dict[str, Any]:
@@ -75,8 +86,9 @@ class Deployed:
     def ready(self) -> None:
         """Let the model load through, and wait until the app says it is ready."""
         self.gate.set()
-        wait_until(lambda: requests.get(f"{self.url}/readyz", timeout=5).status_code == 200,
-                   timeout_s=120, what="/readyz")
+        wait_until(
+            lambda: requests.get(f"{self.url}/readyz", timeout=5).status_code == 200, timeout_s=120, what="/readyz"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +115,8 @@ def deployed(ray_serve: str, broker, s3_server, tmp_path_factory) -> Any:
     proxy.start()
 
     settings = worker_settings(
-        broker.bootstrap_servers, s3_server,
+        broker.bootstrap_servers,
+        s3_server,
         model=ModelConfig(source=f"s3://{BUCKET}/models/tiny/", cache_dir=tmp / "cache", torch_threads=1),
         s3=s3_server.s3_config(endpoint_url=proxy.url, allowed_buckets=[BUCKET], max_attempts=2, backoff_s=0.01),
         limits=LimitsConfig(max_http_body_bytes=BODY_LIMIT, max_image_pixels=1_000_000),
@@ -141,8 +154,9 @@ def test_readyz_flips_once_the_model_is_loaded(deployed):
 
 def test_upload_multipart_and_s3_reference_are_captioned(deployed, s3_server):
     deployed.ready()
-    raw = deployed.http.post(f"{deployed.url}/v1/captions", data=png_bytes(501), headers={"content-type": "image/png"},
-                        timeout=60)
+    raw = deployed.http.post(
+        f"{deployed.url}/v1/captions", data=png_bytes(501), headers={"content-type": "image/png"}, timeout=60
+    )
     assert raw.status_code == 200, raw.text
     body = raw.json()
     assert RESULT_KEYS <= set(body) and body["caption"] and (body["width"], body["height"]) == (48, 40)
@@ -157,7 +171,11 @@ def test_upload_multipart_and_s3_reference_are_captioned(deployed, s3_server):
     assert form.status_code == 200, form.text
     body = form.json()
     assert (body["id"], body["image"], body["params"]["beam_size"], body["metadata"]) == (
-        "my-cat", "upload:cat.png", 1, {"k": "v"})
+        "my-cat",
+        "upload:cat.png",
+        1,
+        {"k": "v"},
+    )
 
     uri = upload(s3_server, "http/ref.png", png_bytes(503))
     ref = deployed.http.post(f"{deployed.url}/v1/captions", json={"image": uri, "id": "ref"}, timeout=60)
@@ -184,24 +202,39 @@ def test_bad_input_gets_the_right_4xx_and_code(deployed, kind, status, code):
     deployed.ready()
     url = f"{deployed.url}/v1/captions"
     post = {
-        "oversize body": lambda: deployed.http.post(url, data=b"\0" * (BODY_LIMIT + 1),
-                                               headers={"content-type": "image/png"}, timeout=30),
-        "bad json": lambda: deployed.http.post(url, data=b"{nope", headers={"content-type": "application/json"}, timeout=30),
-        "bad params": lambda: deployed.http.post(url, json={"image": f"s3://{BUCKET}/x.png", "params": {"beam_size": 0}},
-                                            timeout=30),
+        "oversize body": lambda: deployed.http.post(
+            url, data=b"\0" * (BODY_LIMIT + 1), headers={"content-type": "image/png"}, timeout=30
+        ),
+        "bad json": lambda: deployed.http.post(
+            url, data=b"{nope", headers={"content-type": "application/json"}, timeout=30
+        ),
+        "bad params": lambda: deployed.http.post(
+            url, json={"image": f"s3://{BUCKET}/x.png", "params": {"beam_size": 0}}, timeout=30
+        ),
         "forbidden bucket": lambda: deployed.http.post(url, json={"image": "s3://elsewhere/x.png"}, timeout=30),
         "not s3": lambda: deployed.http.post(url, json={"image": "http://169.254.169.254/latest/"}, timeout=30),
-        "missing object": lambda: deployed.http.post(url, json={"image": f"s3://{BUCKET}/http/missing.png"}, timeout=30),
-        "non-image": lambda: deployed.http.post(url, data=b"plain text, not pixels", headers={"content-type": "image/png"},
-                                           timeout=30),
-        "too many pixels": lambda: deployed.http.post(url, data=flat_png((1500, 1000)),
-                                                 headers={"content-type": "image/png"}, timeout=30),
+        "missing object": lambda: deployed.http.post(
+            url, json={"image": f"s3://{BUCKET}/http/missing.png"}, timeout=30
+        ),
+        "non-image": lambda: deployed.http.post(
+            url, data=b"plain text, not pixels", headers={"content-type": "image/png"}, timeout=30
+        ),
+        "too many pixels": lambda: deployed.http.post(
+            url, data=flat_png((1500, 1000)), headers={"content-type": "image/png"}, timeout=30
+        ),
         "lone surrogate id": lambda: deployed.http.post(
-            url, data=f'{{"id": "\\ud800", "image": "s3://{BUCKET}/http/ref.png"}}'.encode(),
-            headers={"content-type": "application/json"}, timeout=30),
+            url,
+            data=f'{{"id": "\\ud800", "image": "s3://{BUCKET}/http/ref.png"}}'.encode(),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        ),
         "infinite temperature": lambda: deployed.http.post(
-            url, data=png_bytes(506), params={"params": '{"temperature": Infinity, "do_sample": true}'},
-            headers={"content-type": "image/png"}, timeout=30),
+            url,
+            data=png_bytes(506),
+            params={"params": '{"temperature": Infinity, "do_sample": true}'},
+            headers={"content-type": "image/png"},
+            timeout=30,
+        ),
     }[kind]
     response = post()
     assert response.status_code == status, response.text
@@ -243,13 +276,21 @@ def test_batch_endpoint_answers_prepared_images_in_order(deployed):
     assert (info["height"], info["width"]) == (32, 32) and info["model"]["untrained"] is True
     rng = np.random.default_rng(7)
     items = [(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), GenerationParams(beam_size=b)) for b in (1, 2, 1)]
-    response = requests.post(f"{deployed.url}{BATCH_PATH}", data=encode_batch(items),
-                             headers={"content-type": CONTENT_TYPE, **AUTH}, timeout=60)
+    response = requests.post(
+        f"{deployed.url}{BATCH_PATH}",
+        data=encode_batch(items),
+        headers={"content-type": CONTENT_TYPE, **AUTH},
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     answers = decode_answers(response.json(), 3)
     assert all(a.captions and a.error is None for a in answers)
-    bad = requests.post(f"{deployed.url}{BATCH_PATH}", data=b"\0\0\0\xffnope",
-                        headers={"content-type": CONTENT_TYPE, **AUTH}, timeout=30)
+    bad = requests.post(
+        f"{deployed.url}{BATCH_PATH}",
+        data=b"\0\0\0\xffnope",
+        headers={"content-type": CONTENT_TYPE, **AUTH},
+        timeout=30,
+    )
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_message"
 
 
@@ -291,14 +332,22 @@ def guarded(deployed) -> str:
     from workers.replicas import DEPLOYMENT_NAME
 
     deployed.ready()
-    settings = deployed.settings.model_copy(update={
-        "http": HttpConfig(auth="required", auth_tokens_file=deployed.tokens_file, allow_s3_references=False,
-                           max_concurrent_requests=2, max_body_bytes_in_flight=GUARD_BODY_BUDGET),
-        "metrics": MetricsConfig(port=0),
-    })
+    settings = deployed.settings.model_copy(
+        update={
+            "http": HttpConfig(
+                auth="required",
+                auth_tokens_file=deployed.tokens_file,
+                allow_s3_references=False,
+                max_concurrent_requests=2,
+                max_body_bytes_in_flight=GUARD_BODY_BUDGET,
+            ),
+            "metrics": MetricsConfig(port=0),
+        }
+    )
     replicas = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
-    serve.run(ingress_deployment(settings).bind(settings.portable(), replicas), name="deploy-guard",
-              route_prefix=GUARD_PREFIX)
+    serve.run(
+        ingress_deployment(settings).bind(settings.portable(), replicas), name="deploy-guard", route_prefix=GUARD_PREFIX
+    )
     yield deployed.base + GUARD_PREFIX + "/v1/captions"
     serve.delete("deploy-guard")
 
@@ -308,8 +357,11 @@ def _slow_upload(url: str, declared: int) -> socket.socket:
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1]
     conn = socket.create_connection((host, int(port)), timeout=30)
-    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                 f"Content-Type: image/png\r\nContent-Length: {declared}\r\n\r\n".encode() + b"\0" * 10)
+    conn.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: image/png\r\nContent-Length: {declared}\r\n\r\n".encode()
+        + b"\0" * 10
+    )
     return conn
 
 
@@ -367,13 +419,21 @@ def _send(url: str, case: Case) -> tuple[int, bytes, str]:
             while chunk := conn.recv(65536):
                 answer += chunk
         head, _, body = answer.partition(b"\r\n\r\n")
-        content_type = next((line.split(b":", 1)[1].strip().decode("latin-1") for line in head.split(b"\r\n")[1:]
-                             if line.lower().startswith(b"content-type:")), "")
+        content_type = next(
+            (
+                line.split(b":", 1)[1].strip().decode("latin-1")
+                for line in head.split(b"\r\n")[1:]
+                if line.lower().startswith(b"content-type:")
+            ),
+            "",
+        )
         return int(head.split(b" ", 2)[1]), body, content_type
     headers = dict(case.headers)
     if case.authorised:
         headers.update(AUTH)
-    response = requests.post(url + (f"?{case.query}" if case.query else ""), data=case.body, headers=headers, timeout=60)
+    response = requests.post(
+        url + (f"?{case.query}" if case.query else ""), data=case.body, headers=headers, timeout=60
+    )
     return response.status_code, response.content, response.headers.get("content-type", "")
 
 

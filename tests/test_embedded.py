@@ -180,8 +180,12 @@ def test_servers_die_with_a_killed_parent_and_a_later_start_is_not_tripped(tmp_p
     from helpers.processes import read_proc
     from workers.embedded import wait_until
 
-    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, start_new_session=True,
-                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PARENT],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     try:
         started = json.loads(parent.stdout.readline())
     finally:

@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
 from transformers import VisionEncoderDecoderModel
 
+from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
 from workers.images import prepare
 from workers.metrics import ENGINE_FALLBACKS
 from workers.model.engine import CaptionEngine, DecodeSpec
 from workers.model.engine.backend import EngineBackend
 from workers.model.engine.precision import resolve
-from workers.params import GenerationParams
 from workers.model.preprocess import normalize, spec_from_dir
 from workers.model.torch_backend import TorchBackend
+from workers.params import GenerationParams
 
 PARAMS = {
     "greedy": GenerationParams(beam_size=1),
@@ -27,7 +27,9 @@ PARAMS = {
     "greedy_min_length": GenerationParams(beam_size=1, min_output_length=5, max_output_length=9),
     "repetition_penalty": GenerationParams(beam_size=2, repetition_penalty=1.8, max_output_length=12),
     "greedy_repetition": GenerationParams(beam_size=1, repetition_penalty=0.7, max_output_length=10),
-    "no_repeat_ngram": GenerationParams(beam_size=3, no_repeat_ngram_size=2, repetition_penalty=0.8, max_output_length=14),
+    "no_repeat_ngram": GenerationParams(
+        beam_size=3, no_repeat_ngram_size=2, repetition_penalty=0.8, max_output_length=14
+    ),
     "greedy_no_repeat": GenerationParams(beam_size=1, no_repeat_ngram_size=1, max_output_length=8),
 }
 # Beam-search settings transformers takes from the generation config: (overrides, generate kwargs).
@@ -56,13 +58,18 @@ def pixels(tiny_model_dir) -> torch.Tensor:
     return torch.from_numpy(normalize(np.concatenate([photos, synthetic]), spec))
 
 
-def reference(model, image: torch.Tensor, params: GenerationParams, **search) -> tuple[list[list[int]], list[float] | None]:
+def reference(
+    model, image: torch.Tensor, params: GenerationParams, **search
+) -> tuple[list[list[int]], list[float] | None]:
     """One-image generate: generated tokens up to end-of-text, and beam scores."""
     eos = model.generation_config.eos_token_id
     with torch.no_grad():
         out = model.generate(
-            pixel_values=image[None], **params.generate_kwargs(), **search,
-            return_dict_in_generate=True, output_scores=params.beam_size > 1,
+            pixel_values=image[None],
+            **params.generate_kwargs(),
+            **search,
+            return_dict_in_generate=True,
+            output_scores=params.beam_size > 1,
         )
     scores = out.sequences_scores.tolist() if params.beam_size > 1 else None
     return [trim(s, eos) for s in out.sequences.tolist()], scores
@@ -219,8 +226,12 @@ def test_decode_spec_defaults_come_from_the_generation_config(hf_model) -> None:
     engine = CaptionEngine(hf_model)
     spec = engine.spec(GenerationParams(beam_size=3, n_return_sequences=2, min_output_length=1))
     assert spec == DecodeSpec(
-        beams=3, max_new_tokens=16, min_new_tokens=1, n_return=2,
-        length_penalty=hf_model.generation_config.length_penalty, early_stopping=hf_model.generation_config.early_stopping,
+        beams=3,
+        max_new_tokens=16,
+        min_new_tokens=1,
+        n_return=2,
+        length_penalty=hf_model.generation_config.length_penalty,
+        early_stopping=hf_model.generation_config.early_stopping,
     )
 
 
@@ -232,7 +243,10 @@ def test_full_size_model_is_token_identical(tmp_path) -> None:
 
     model = random_model("full", 50257, seed=0).eval()
     pixels = torch.from_numpy(np.random.default_rng(5).standard_normal((3, 3, 224, 224)).astype(np.float32))
-    for params in (GenerationParams(beam_size=2, max_output_length=6), GenerationParams(beam_size=1, max_output_length=6)):
+    for params in (
+        GenerationParams(beam_size=2, max_output_length=6),
+        GenerationParams(beam_size=1, max_output_length=6),
+    ):
         engine = CaptionEngine(model, max_images=2)
         assert_identical(model, staggered(engine, pixels, params), pixels, params)
         assert engine.scheduler.joined_mid_flight > 0

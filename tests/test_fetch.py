@@ -129,9 +129,7 @@ def test_object_that_grows_after_head_is_too_large(s3_server: S3Server, proxy: C
     assert [(s.method, s.status) for s in proxy.seen] == [("HEAD", 200), ("GET", 412), ("HEAD", 200)]
 
 
-def test_read_guard_stops_at_limit_when_head_understates_the_size(
-    s3_server: S3Server, proxy: ChaosProxy
-) -> None:
+def test_read_guard_stops_at_limit_when_head_understates_the_size(s3_server: S3Server, proxy: ChaosProxy) -> None:
     key = f"fetch/{uuid.uuid4().hex}/liar.jpg"
     s3_server.client().put_object(Bucket="images", Key=key, Body=b"y" * 5000)
 
@@ -256,6 +254,9 @@ def test_retries_last_for_the_budget_not_a_count(s3_server: S3Server, proxy: Cha
     assert 0.5 < elapsed < 4, elapsed
     assert proxy.counts()[ERROR] >= 5, "more tries than the old fixed count of 4 within the budget"
     proxy.set_plan(FaultPlan(fail_first=6, error_status=503))
-    assert Fetcher(client, cfg.model_copy(update={"retry_budget_s": 30}), LimitsConfig()).fetch(
-        f"s3://images/{image_key}"
-    ).data == PAYLOAD, "a burst of throttling inside the budget is not a dead letter"
+    assert (
+        Fetcher(client, cfg.model_copy(update={"retry_budget_s": 30}), LimitsConfig())
+        .fetch(f"s3://images/{image_key}")
+        .data
+        == PAYLOAD
+    ), "a burst of throttling inside the budget is not a dead letter"

@@ -53,7 +53,10 @@ def produce_raw(kafka: KafkaConfig, records: list[dict[str, Any]]) -> list[tuple
         for r in records:
             if r.get("client") == "librdkafka":
                 nullable.produce(
-                    kafka.input_topic, value=r["value"], key=r.get("key"), headers=r.get("headers"),
+                    kafka.input_topic,
+                    value=r["value"],
+                    key=r.get("key"),
+                    headers=r.get("headers"),
                     on_delivery=lambda err, msg: delivered.append((err, msg)),
                 )
                 nullable.flush(30)
@@ -99,8 +102,14 @@ def test_poison_records_each_get_one_outcome_and_the_worker_keeps_running(broker
         # A header key that is not UTF-8: kafka-python's poll() used to raise on it, forever.
         ({"value": request(good), "headers": [(RawHeaderKey("trace\udcff"), b"x"), ("ok", b"1")]}, "invalid_message"),
         # A header whose value is null: kept out of the outcome (documented), the request answered.
-        ({"value": request(good, id="null-header"), "headers": [("null", None), ("kept", b"yes")],
-          "client": "librdkafka"}, "result"),
+        (
+            {
+                "value": request(good, id="null-header"),
+                "headers": [("null", None), ("kept", b"yes")],
+                "client": "librdkafka",
+            },
+            "result",
+        ),
         # Key and headers count toward the size limit, not only the value.
         ({"value": request(good), "key": b"k" * 100_000}, "invalid_message"),
         ({"value": request(good, id="after")}, "result"),
@@ -143,8 +152,10 @@ def test_an_outcome_the_output_topic_refuses_becomes_a_compact_dead_letter(broke
     assert letter["source"]["offset"] == sent[0][1] and "id" not in letter
     assert letter["request"] is None, "the smallest fallback echoes nothing"
     wait_until(
-        lambda: committed_offsets(kafka.bootstrap_servers, kafka.group_id, kafka.input_topic)[sent[0][0]]
-        == max(o for _, o in sent) + 1,
+        lambda: (
+            committed_offsets(kafka.bootstrap_servers, kafka.group_id, kafka.input_topic)[sent[0][0]]
+            == max(o for _, o in sent) + 1
+        ),
         timeout_s=30,
         what="commits past the refused record",
     )

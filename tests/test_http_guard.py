@@ -22,8 +22,17 @@ TOKEN = "a-token-of-enough-length"
 def test_bearer_matches_any_configured_token_and_nothing_else() -> None:
     tokens = [TOKEN.encode(), b"second-token-0123456789"]
     assert bearer_ok(f"Bearer {TOKEN}", tokens) and bearer_ok("bearer second-token-0123456789", tokens)
-    for header in (None, "", "Bearer", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", TOKEN,
-                   "Bearer \xff\xfe", f"Token {TOKEN}"):
+    for header in (
+        None,
+        "",
+        "Bearer",
+        f"Basic {TOKEN}",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        TOKEN,
+        "Bearer \xff\xfe",
+        f"Token {TOKEN}",
+    ):
         assert not bearer_ok(header, tokens), header
     assert not bearer_ok(f"Bearer {TOKEN}", [])  # no token configured: nothing passes
 

@@ -9,10 +9,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from helpers.model_fixtures import SAMPLE_FILES, encode
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
+from helpers.model_fixtures import SAMPLE_FILES, encode
 from workers.budget import MemoryBudget
 from workers.contract import ErrorCode, Rejected
 from workers.images import BAND_PIXELS, open_header, plan, prepare
@@ -38,7 +38,9 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_close_to_the_full_decode(monke
     data = _large_photo_jpeg()
     drafts: list[tuple[int, int]] = []
     real_draft = JpegImageFile.draft
-    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size: (drafts.append(size), real_draft(self, mode, size))[1])
+    monkeypatch.setattr(
+        JpegImageFile, "draft", lambda self, mode, size: (drafts.append(size), real_draft(self, mode, size))[1]
+    )
 
     decode_plan = plan(open_header(data, max_pixels=LIMIT), len(data), MODEL)
     assert decode_plan.scale == 4 and decode_plan.draft_size == (448, 448)
@@ -58,7 +60,9 @@ def test_small_or_model_sized_jpegs_are_decoded_at_full_scale() -> None:
     assert plan(open_header(small, max_pixels=LIMIT), len(small), MODEL).scale == 1
     big = _large_photo_jpeg(1600, 1200)  # 1.9 MP: under DRAFT_MIN_PIXELS
     assert plan(open_header(big, max_pixels=LIMIT), len(big), MODEL).scale == 1
-    np.testing.assert_array_equal(prepare(big, size=MODEL, max_pixels=LIMIT).pixels, _full_decode_and_resize(big, MODEL))
+    np.testing.assert_array_equal(
+        prepare(big, size=MODEL, max_pixels=LIMIT).pixels, _full_decode_and_resize(big, MODEL)
+    )
 
 
 def test_reduced_scale_decode_reports_the_upright_size_of_a_rotated_jpeg() -> None:
@@ -105,8 +109,11 @@ def test_wide_greyscale_paths_make_no_wide_full_size_copy(kind: str) -> None:
 def test_wide_greyscale_results_are_unchanged() -> None:
     # Integer rounding of x / 257 equals the float64 np.rint it replaces, for every 16-bit value.
     values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
-    out = np.asarray(prepare(encode(Image.fromarray(values), "PNG"), size=(256, 256), resample=Image.Resampling.NEAREST,
-                             max_pixels=LIMIT).pixels)[..., 0]
+    out = np.asarray(
+        prepare(
+            encode(Image.fromarray(values), "PNG"), size=(256, 256), resample=Image.Resampling.NEAREST, max_pixels=LIMIT
+        ).pixels
+    )[..., 0]
     np.testing.assert_array_equal(out, np.rint(values / 257.0).astype(np.uint8))
     # F: min-max stretch with NaN as 0, across band boundaries.
     rng = np.random.default_rng(2)

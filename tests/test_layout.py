@@ -100,7 +100,9 @@ def test_imports_flow_one_way(low: str, forbidden: str) -> None:
 
 
 def test_no_module_over_the_size_limit() -> None:
-    too_long = {str(p.relative_to(REPO)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    too_long = {
+        str(p.relative_to(REPO)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not too_long, too_long
 
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers.processes import Proc, TreeWatcher
 from helpers.worker_fixtures import MODEL_CACHE, RAY_TMP, REPO
-
 from workers.embedded import free_port, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray, pytest.mark.slow]

@@ -33,8 +33,11 @@ def test_json_lines_carry_request_id_and_kafka_coordinates(restore_logging) -> N
     stream = io.StringIO()
     configure_logging("json", stream=stream)
     log = logging.getLogger("workers.test")
-    log.info("dead letter %s", "object_not_found",
-             extra=log_fields(request_id="cat-42", topic="images", partition=3, offset=1187))
+    log.info(
+        "dead letter %s",
+        "object_not_found",
+        extra=log_fields(request_id="cat-42", topic="images", partition=3, offset=1187),
+    )
     log.warning("no coordinates here")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 2
@@ -68,10 +71,17 @@ def test_ray_prints_become_verbose_logs_not_stdout(restore_logging, capsys) -> N
 @pytest.mark.ray
 def test_demo_prints_its_table_and_no_ray_noise() -> None:
     """The whole demo in its own process (it starts and stops its own Ray)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CAPTIONER_RAY_TMP": f"{RAY_TMP}-demo", "USE_TF": "0",
-           "COLUMNS": "120", "CAPTIONER_MODEL__CACHE_DIR": str(REPO / ".tmp" / "models")}
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "demo"], env=env, capture_output=True, text=True,
-                         timeout=400, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CAPTIONER_RAY_TMP": f"{RAY_TMP}-demo",
+        "USE_TF": "0",
+        "COLUMNS": "120",
+        "CAPTIONER_MODEL__CACHE_DIR": str(REPO / ".tmp" / "models"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "demo"], env=env, capture_output=True, text=True, timeout=400, check=False
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "image_name" in out.stdout and "rocket.jpg" in out.stdout
     everything = out.stdout + out.stderr

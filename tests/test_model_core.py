@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
 from PIL import Image
 from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor
 
+from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
 from workers.config import TINY_RANDOM, ModelConfig
 from workers.images import prepare
 from workers.model import CaptionOutput, load_model
@@ -26,9 +26,7 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def sample_pixels(tiny_model) -> np.ndarray:
-    return np.stack(
-        [prepare(p.read_bytes(), size=tiny_model.spec, max_pixels=50_000_000).pixels for p in SAMPLE_FILES]
-    )
+    return np.stack([prepare(p.read_bytes(), size=tiny_model.spec, max_pixels=50_000_000).pixels for p in SAMPLE_FILES])
 
 
 @pytest.fixture(scope="module")

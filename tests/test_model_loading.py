@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
 
+from helpers.model_fixtures import SAMPLE_FILES, tiny_cache_dir, tiny_model, tiny_model_dir  # noqa: F401
 from workers.config import TINY_RANDOM, ModelConfig
 from workers.images import prepare
 from workers.model import load_model
-from workers.params import GenerationParams
 from workers.model.loading import (
     UNTRAINED_MARKER,
     ModelSourceError,
@@ -21,6 +20,7 @@ from workers.model.loading import (
     hub_snapshot,
     resolve_model_dir,
 )
+from workers.params import GenerationParams
 
 PARAMS = GenerationParams(beam_size=2)
 
@@ -38,7 +38,13 @@ def test_tiny_random_is_built_once_and_marked_untrained(tiny_cache_dir: Path) ->
     second = resolve_model_dir(cfg)
     assert second == first and first.untrained and first.name == TINY_RANDOM
     assert weights.stat().st_mtime_ns == stamp  # not rebuilt
-    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "generation_config.json", UNTRAINED_MARKER):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+        UNTRAINED_MARKER,
+    ):
         assert (first.path / name).is_file(), name
     assert json.loads((first.path / UNTRAINED_MARKER).read_text())["untrained"] is True
 
@@ -108,7 +114,9 @@ def test_uncached_hub_id_offline_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_s3_source_downloads_once_per_etag_set(tmp_path: Path, tiny_model_dir: Path, tiny_model, s3_server, monkeypatch) -> None:
+def test_s3_source_downloads_once_per_etag_set(
+    tmp_path: Path, tiny_model_dir: Path, tiny_model, s3_server, monkeypatch
+) -> None:
     for key, value in s3_server.env().items():
         if key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
             monkeypatch.setenv(key, value)

@@ -39,7 +39,11 @@ def our_metric_names() -> frozenset[str]:
 
     import workers.metrics  # noqa: F401  (registers the metrics)
 
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
     names = set()
     for family in REGISTRY.collect():
         if family.name.startswith("captioner_"):
@@ -64,8 +68,23 @@ _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGES = re.compile(r"\[[^\[\]]*\]")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
 _IDENT = re.compile(r"(?<![\w:.$])[A-Za-z_:][A-Za-z0-9_:]*")
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
-             "group_right", "inf", "nan", "Inf", "NaN"}
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+    "Inf",
+    "NaN",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -74,7 +93,7 @@ def metric_names(expr: str) -> set[str]:
     stripped = _GROUPING.sub(" ", _RANGES.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub('""', expr))))
     names = set()
     for m in _IDENT.finditer(stripped):
-        rest = stripped[m.end():].lstrip()
+        rest = stripped[m.end() :].lstrip()
         if m.group() in _KEYWORDS or rest.startswith("("):
             continue
         names.add(m.group())
@@ -82,8 +101,10 @@ def metric_names(expr: str) -> set[str]:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le, stage) (rate(captioner_stage_seconds_bucket{stage=~"fetch|x", '
-            'namespace=~"$namespace"}[$__rate_interval]))) / on() group_left sum(up) > 1e3 unless absent(foo_bar)')
+    expr = (
+        'histogram_quantile(0.99, sum by (le, stage) (rate(captioner_stage_seconds_bucket{stage=~"fetch|x", '
+        'namespace=~"$namespace"}[$__rate_interval]))) / on() group_left sum(up) > 1e3 unless absent(foo_bar)'
+    )
     assert metric_names(expr) == {"captioner_stage_seconds_bucket", "up", "foo_bar"}
 
 
@@ -107,8 +128,12 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def test_dashboard_queries_name_only_exported_metrics() -> None:
-    unknown = {(where, name) for where, expr in dashboard_queries() for name in metric_names(expr)
-               if name not in allowed_names()}
+    unknown = {
+        (where, name)
+        for where, expr in dashboard_queries()
+        for name in metric_names(expr)
+        if name not in allowed_names()
+    }
     assert not unknown, f"not exported by captioner, Ray Serve, KEDA or DCGM: {sorted(unknown)}"
 
 
@@ -120,18 +145,29 @@ def test_a_misspelt_metric_would_be_caught() -> None:
 def test_dashboard_covers_what_operators_look_at() -> None:
     used = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
     required = {
-        "captioner_consumed_total", "captioner_results_total", "captioner_consumer_lag", "captioner_in_flight",
-        "captioner_source_paused", "captioner_batch_size_bucket", "captioner_stage_seconds_bucket",
-        "captioner_dead_letters_total", "captioner_cache_hits_total", "captioner_cache_misses_total",
-        "captioner_produce_errors_total", "captioner_inference_retries_total",
-        "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries",
-        "keda_scaler_metrics_value", "DCGM_FI_DEV_GPU_UTIL",
+        "captioner_consumed_total",
+        "captioner_results_total",
+        "captioner_consumer_lag",
+        "captioner_in_flight",
+        "captioner_source_paused",
+        "captioner_batch_size_bucket",
+        "captioner_stage_seconds_bucket",
+        "captioner_dead_letters_total",
+        "captioner_cache_hits_total",
+        "captioner_cache_misses_total",
+        "captioner_produce_errors_total",
+        "captioner_inference_retries_total",
+        "ray_serve_deployment_replica_healthy",
+        "ray_serve_deployment_queued_queries",
+        "keda_scaler_metrics_value",
+        "DCGM_FI_DEV_GPU_UTIL",
     }
     assert required <= used, sorted(required - used)
     ids = [p["id"] for p in dashboard()["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     assert dashboard()["uid"] and all(
-        p["datasource"]["uid"] == "${datasource}" for p in dashboard()["panels"] if p["type"] != "row")
+        p["datasource"]["uid"] == "${datasource}" for p in dashboard()["panels"] if p["type"] != "row"
+    )
 
 
 def test_ray_names_exist_in_the_installed_ray() -> None:
@@ -139,8 +175,11 @@ def test_ray_names_exist_in_the_installed_ray() -> None:
     spec = importlib.util.find_spec("ray")
     assert spec and spec.origin
     ray_dir = Path(spec.origin).parent
-    sources = "\n".join(p.read_text(errors="replace") for sub in ("serve", "_private", "dashboard/modules/metrics")
-                        for p in (ray_dir / sub).rglob("*.py"))
+    sources = "\n".join(
+        p.read_text(errors="replace")
+        for sub in ("serve", "_private", "dashboard/modules/metrics")
+        for p in (ray_dir / sub).rglob("*.py")
+    )
     for name in external_names()["ray_serve"] | external_names()["ray_node"]:
         base = re.sub(r"_(total|bucket|sum|count)$", "", name.removeprefix("ray_"))
         assert f'"{base}"' in sources or name in sources, f"{name}: no metric {base!r} in ray {ray_dir}"
@@ -155,16 +194,27 @@ def rule_spec() -> dict:
 
 
 def test_rules_name_only_exported_metrics() -> None:
-    unknown = {(r["alert"], n) for g in rule_spec()["groups"] for r in g["rules"] for n in metric_names(r["expr"])
-               if n not in allowed_names()}
+    unknown = {
+        (r["alert"], n)
+        for g in rule_spec()["groups"]
+        for r in g["rules"]
+        for n in metric_names(r["expr"])
+        if n not in allowed_names()
+    }
     assert not unknown, sorted(unknown)
 
 
 def test_rules_cover_the_failures_operators_page_on() -> None:
     alerts = {r["alert"] for g in rule_spec()["groups"] for r in g["rules"]}
-    assert {"CaptionerLagGrowing", "CaptionerDeadLetterRateHigh", "CaptionerNoCommitProgress",
-            "CaptionerPollLoopStopped", "CaptionerReplicasUnhealthy", "CaptionerReplicasMissing",
-            "CaptionerProduceErrors"} <= alerts
+    assert {
+        "CaptionerLagGrowing",
+        "CaptionerDeadLetterRateHigh",
+        "CaptionerNoCommitProgress",
+        "CaptionerPollLoopStopped",
+        "CaptionerReplicasUnhealthy",
+        "CaptionerReplicasMissing",
+        "CaptionerProduceErrors",
+    } <= alerts
     for g in rule_spec()["groups"]:
         for r in g["rules"]:
             assert r["labels"]["severity"] in {"warning", "critical"} and r["annotations"]["summary"], r["alert"]
@@ -223,8 +273,13 @@ def test_dashboard_queries_parse_as_promql(tmp_path) -> None:
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH (CI has it)")
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
 def test_overlays_ship_the_dashboard_and_the_rules(overlay: str) -> None:
-    out = subprocess.run([KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert json.loads(cm["data"]["captioner-dashboard.json"]) == dashboard()

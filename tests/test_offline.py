@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.model_fixtures import SAMPLE_FILES, bad_files, tiny_cache_dir, tiny_model  # noqa: F401
 from typer.testing import CliRunner
 
+from helpers.model_fixtures import SAMPLE_FILES, bad_files, tiny_cache_dir, tiny_model  # noqa: F401
 from workers import offline
 from workers.cli import app
 from workers.config import load_settings
@@ -51,7 +51,10 @@ def _invoke(args: list[str], cache_dir: Path, exit_code: int = 1):
 
 def test_caption_command_jsonl(image_folder: Path, tmp_path: Path, tiny_cache_dir: Path, tiny_model) -> None:
     out_file = tmp_path / "results.jsonl"
-    output = _invoke(["caption", str(image_folder), "--model", "tiny-random", "--batch-size", "4", "-o", str(out_file)], tiny_cache_dir)
+    output = _invoke(
+        ["caption", str(image_folder), "--model", "tiny-random", "--batch-size", "4", "-o", str(out_file)],
+        tiny_cache_dir,
+    )
     expected = _expected_captions(tiny_model, GenerationParams())  # the defaults: beam 2
 
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
@@ -79,16 +82,32 @@ def test_caption_command_jsonl(image_folder: Path, tmp_path: Path, tiny_cache_di
     assert f"{len(SAMPLE_FILES)} captioned, {len(BAD)} failed" in output
 
 
-def test_caption_command_csv_with_several_captions(image_folder: Path, tmp_path: Path, tiny_cache_dir: Path, tiny_model) -> None:
+def test_caption_command_csv_with_several_captions(
+    image_folder: Path, tmp_path: Path, tiny_cache_dir: Path, tiny_model
+) -> None:
     out_file = tmp_path / "results.csv"
     _invoke(
-        ["caption", str(image_folder / "chelsea.jpg"), str(image_folder / "bad_truncated.jpg"), str(tmp_path / "missing.jpg"),
-         "--model", "tiny-random", "--beam-size", "4", "--n-return-sequences", "2", "-o", str(out_file)],
+        [
+            "caption",
+            str(image_folder / "chelsea.jpg"),
+            str(image_folder / "bad_truncated.jpg"),
+            str(tmp_path / "missing.jpg"),
+            "--model",
+            "tiny-random",
+            "--beam-size",
+            "4",
+            "--n-return-sequences",
+            "2",
+            "-o",
+            str(out_file),
+        ],
         tiny_cache_dir,
     )
     rows = list(csv.DictReader(out_file.open(newline="")))
     assert [r["image_name"] for r in rows] == [
-        str(image_folder / "chelsea.jpg"), str(image_folder / "bad_truncated.jpg"), str(tmp_path / "missing.jpg")
+        str(image_folder / "chelsea.jpg"),
+        str(image_folder / "bad_truncated.jpg"),
+        str(tmp_path / "missing.jpg"),
     ]
     expected = _expected_captions(tiny_model, GenerationParams(beam_size=4, n_return_sequences=2))["chelsea.jpg"]
     assert json.loads(rows[0]["captions"]) == expected and rows[0]["caption"] == expected[0]

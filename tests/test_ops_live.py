@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from helpers.kafka_helpers import produce
 from prometheus_client import REGISTRY
 from test_monitoring import GRAFANA_VARIABLES, dashboard_queries, external_names
 from typer.testing import CliRunner
+
+from helpers.kafka_helpers import produce
 from helpers.worker_fixtures import (
     collect_outcomes,
     deploy_tiny_replicas,
@@ -30,7 +31,6 @@ from helpers.worker_fixtures import (
     upload,
     worker_settings,
 )
-
 from workers import metrics
 from workers.cli import app
 from workers.embedded import free_port, wait_until
@@ -48,6 +48,7 @@ def _no_cli_logging_left_behind():
 
     yield
     unconfigure_logging()
+
 
 PROMETHEUS = shutil.which("prometheus")
 LATE_BUCKET = "late"  # not allow-listed at first: its requests are dead-lettered (forbidden_reference)
@@ -67,18 +68,31 @@ class Prometheus:
 
     def __init__(self, targets: dict[str, int], workdir: Path):
         self.port = free_port()
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-                                     for job, port in targets.items()]}
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                for job, port in targets.items()
+            ],
+        }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self._log = (workdir / "prometheus.log").open("w")
         self._proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                PROMETHEUS,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
-        wait_until(self._ready, timeout_s=30, what="Prometheus ready",
-                   abort=lambda: f"exited {self._proc.returncode}" if self._proc.poll() is not None else None)
+        wait_until(
+            self._ready,
+            timeout_s=30,
+            what="Prometheus ready",
+            abort=lambda: f"exited {self._proc.returncode}" if self._proc.poll() is not None else None,
+        )
 
     def _ready(self) -> bool:
         try:
@@ -150,15 +164,25 @@ def test_dashboard_on_real_prometheus_and_replay_of_real_dead_letters(broker, s3
         return bool(got) and float(got[0]["value"][1]) == exported
 
     wait_until(scraped, timeout_s=30, what="Prometheus to scrape the dead letters")
-    names = set(requests.get(f"http://127.0.0.1:{prometheus.port}/api/v1/label/__name__/values", timeout=10).json()["data"])
-    assert {"captioner_consumed_total", "captioner_results_total", "captioner_dead_letters_total",
-            "captioner_in_flight", "captioner_stage_seconds_bucket", "captioner_batch_size_bucket"} <= names
+    names = set(
+        requests.get(f"http://127.0.0.1:{prometheus.port}/api/v1/label/__name__/values", timeout=10).json()["data"]
+    )
+    assert {
+        "captioner_consumed_total",
+        "captioner_results_total",
+        "captioner_dead_letters_total",
+        "captioner_in_flight",
+        "captioner_stage_seconds_bucket",
+        "captioner_batch_size_bucket",
+    } <= names
     # Ray's exporter serves the Serve names the dashboard and alerts use (all but the error
     # counter, which has no series until a replica raises, and GPU figures: no GPU here).
     serve_names = external_names()["ray_serve"] - {"ray_serve_deployment_error_counter_total"}
 
     def ray_scraped() -> bool:
-        names = set(requests.get(f"http://127.0.0.1:{prometheus.port}/api/v1/label/__name__/values", timeout=10).json()["data"])
+        names = set(
+            requests.get(f"http://127.0.0.1:{prometheus.port}/api/v1/label/__name__/values", timeout=10).json()["data"]
+        )
         return serve_names <= names
 
     wait_until(ray_scraped, timeout_s=60, interval_s=1, what=f"Ray's exporter to serve {sorted(serve_names)}")
@@ -168,14 +192,20 @@ def test_dashboard_on_real_prometheus_and_replay_of_real_dead_letters(broker, s3
         prometheus.query(expr.replace('namespace=~".*"', 'namespace=~".*|"'))
 
     # The cause is fixed: the bucket is allow-listed. Replay through the CLI, as an operator would.
-    env = {"CAPTIONER_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "CAPTIONER_KAFKA__INPUT_TOPIC": kafka.input_topic,
-           "CAPTIONER_KAFKA__DEAD_LETTER_TOPIC": kafka.dead_letter_topic, "CAPTIONER_KAFKA__GROUP_ID": kafka.group_id,
-           "COLUMNS": "160"}
+    env = {
+        "CAPTIONER_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "CAPTIONER_KAFKA__INPUT_TOPIC": kafka.input_topic,
+        "CAPTIONER_KAFKA__DEAD_LETTER_TOPIC": kafka.dead_letter_topic,
+        "CAPTIONER_KAFKA__GROUP_ID": kafka.group_id,
+        "COLUMNS": "160",
+    }
     first = CliRunner().invoke(app, ["replay"], env=env)
     print(first.output)  # the closing note's sample (pytest -s)
     assert first.exit_code == 1  # the truncated echo could not be replayed
     assert "too-big-to-echo" in first.output and "truncated" in first.output
-    fixed = settings.model_copy(update={"s3": settings.s3.model_copy(update={"allowed_buckets": ["images", LATE_BUCKET]})})
+    fixed = settings.model_copy(
+        update={"s3": settings.s3.model_copy(update={"allowed_buckets": ["images", LATE_BUCKET]})}
+    )
     results, dead = _run_until(fixed, replicas, len(values) + 3)
     replayed = [json.loads(r.value) for r in results if dict(r.headers).get(REPLAY_HEADER)]
     assert sorted(b["id"] for b in replayed) == ["late-0", "late-1", "late-2"]

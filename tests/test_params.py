@@ -68,7 +68,10 @@ def test_inconsistent_combinations_name_both_params() -> None:
         ({"beam_size": 9}, r"beam_size=9 exceeds limits.max_beam_size \(8\)"),
         ({"max_output_length": 65}, r"max_output_length=65 exceeds limits.max_output_length \(64\)"),
         ({"beam_size": 8, "n_return_sequences": 9}, r"n_return_sequences \(9\) must not exceed beam_size"),
-        ({"do_sample": True, "n_return_sequences": 9}, r"n_return_sequences=9 exceeds limits.max_return_sequences \(8\)"),
+        (
+            {"do_sample": True, "n_return_sequences": 9},
+            r"n_return_sequences=9 exceeds limits.max_return_sequences \(8\)",
+        ),
     ],
 )
 def test_limits_cap_request_params(override: dict, message: str) -> None:
@@ -87,7 +90,9 @@ def test_configured_defaults_must_fit_the_limits() -> None:
 
 
 def test_generate_kwargs_map_the_spark_names() -> None:
-    kwargs = GenerationParams(beam_size=3, max_output_length=20, min_output_length=4, n_return_sequences=2).generate_kwargs()
+    kwargs = GenerationParams(
+        beam_size=3, max_output_length=20, min_output_length=4, n_return_sequences=2
+    ).generate_kwargs()
     assert kwargs == {
         "num_beams": 3,
         "do_sample": False,

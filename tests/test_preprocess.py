@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from helpers.model_fixtures import EDGE_CASES, SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
 from PIL import Image
 from transformers import ViTImageProcessor
 
+from helpers.model_fixtures import EDGE_CASES, SAMPLE_FILES, tiny_cache_dir, tiny_model_dir  # noqa: F401
 from workers.images import prepare
 from workers.model.preprocess import PreprocessSpec, normalize, spec_from_dir
 

@@ -8,9 +8,9 @@ import os
 import sys
 
 import pytest
-from helpers.kafka_helpers import consume_until, kafka_config, produce, unique_topic
 from typer.testing import CliRunner
 
+from helpers.kafka_helpers import consume_until, kafka_config, produce, unique_topic
 from workers import contract
 from workers.config import LimitsConfig
 from workers.contract import ErrorCode, Source
@@ -29,33 +29,55 @@ def _no_cli_logging_left_behind():
     yield
     unconfigure_logging()
 
+
 LIMITS = LimitsConfig()
 
 
 def dead_letter(value: bytes | None, code: ErrorCode, request_id: str | None, offset: int) -> bytes:
-    record = contract.dead_letter_record(code=code, message="test", value=value, source=Source("images", 0, offset),
-                                         attempts=1, request_id=request_id)
+    record = contract.dead_letter_record(
+        code=code, message="test", value=value, source=Source("images", 0, offset), attempts=1, request_id=request_id
+    )
     return contract.encode(record)
 
 
 # (original value, key, headers, code, id) as the worker dead-lettered them.
 ORIGINALS = [
-    (b'{"id":"cat-1","image":"s3://late-bucket/cat.jpg"}', b"cat-1", [("tenant", b"a"), ("trace", b"\x00\xff")],
-     ErrorCode.FORBIDDEN_REFERENCE, "cat-1"),
+    (
+        b'{"id":"cat-1","image":"s3://late-bucket/cat.jpg"}',
+        b"cat-1",
+        [("tenant", b"a"), ("trace", b"\x00\xff")],
+        ErrorCode.FORBIDDEN_REFERENCE,
+        "cat-1",
+    ),
     (b"\xff\xfe not utf-8 \x00", b"k-bin", [], ErrorCode.INVALID_MESSAGE, None),
-    (b"s3://images/dog.jpg", b"s3://images/dog.jpg", [("tenant", b"b")], ErrorCode.OBJECT_NOT_FOUND, "s3://images/dog.jpg"),
+    (
+        b"s3://images/dog.jpg",
+        b"s3://images/dog.jpg",
+        [("tenant", b"b")],
+        ErrorCode.OBJECT_NOT_FOUND,
+        "s3://images/dog.jpg",
+    ),
 ]
-TRUNCATED = (b'{"id":"big","image":"s3://images/x.jpg","metadata":{"pad":"' + b"x" * 70_000 + b'"}}', b"big", [],
-             ErrorCode.INVALID_MESSAGE, "big")
+TRUNCATED = (
+    b'{"id":"big","image":"s3://images/x.jpg","metadata":{"pad":"' + b"x" * 70_000 + b'"}}',
+    b"big",
+    [],
+    ErrorCode.INVALID_MESSAGE,
+    "big",
+)
 
 
 def setup_topics(bootstrap: str):
     cfg = kafka_config(bootstrap)
     ensure_topics(cfg, [cfg.input_topic, cfg.dead_letter_topic])
     letters = ORIGINALS[:2] + [TRUNCATED] + ORIGINALS[2:]
-    produce(bootstrap, cfg.dead_letter_topic,
-            [dead_letter(v, code, rid, i) for i, (v, _, _, code, rid) in enumerate(letters)],
-            keys=[k for _, k, _, _, _ in letters], headers=[h for _, _, h, _, _ in letters])
+    produce(
+        bootstrap,
+        cfg.dead_letter_topic,
+        [dead_letter(v, code, rid, i) for i, (v, _, _, code, rid) in enumerate(letters)],
+        keys=[k for _, k, _, _, _ in letters],
+        headers=[h for _, _, h, _, _ in letters],
+    )
     return cfg
 
 
@@ -79,7 +101,7 @@ def test_replay_sends_each_original_request_once_and_reports_the_truncated_echo(
     out = input_records_then_sentinel(broker.bootstrap_servers, cfg.input_topic)
     assert [r.value for r in out] == [v for v, *_ in ORIGINALS]  # never a part of the truncated one
     dlq_offsets = [0, 1, 3]
-    for record, (value, key, headers, _, _), dlq_offset in zip(out, ORIGINALS, dlq_offsets, strict=True):
+    for record, (_value, key, headers, _, _), dlq_offset in zip(out, ORIGINALS, dlq_offsets, strict=True):
         assert record.key == key
         assert [h for h in record.headers if h[0] != REPLAY_HEADER] == headers
         assert dict(record.headers)[REPLAY_HEADER] == f"{cfg.dead_letter_topic}/0/{dlq_offset}".encode()
@@ -87,7 +109,9 @@ def test_replay_sends_each_original_request_once_and_reports_the_truncated_echo(
 
     again = replay(cfg, LIMITS, ReplayOptions(group=group))
     assert (again.read, sum(again.replayed.values()), again.unreplayable) == (0, 0, [])
-    assert [r.value for r in input_records_then_sentinel(broker.bootstrap_servers, cfg.input_topic)] == [v for v, *_ in ORIGINALS]
+    assert [r.value for r in input_records_then_sentinel(broker.bootstrap_servers, cfg.input_topic)] == [
+        v for v, *_ in ORIGINALS
+    ]
 
 
 def test_dry_run_sends_and_remembers_nothing(broker) -> None:
@@ -138,10 +162,17 @@ def test_cli_prints_the_summary_and_exits_1_for_the_truncated_echo(broker) -> No
 def test_replay_imports_neither_torch_nor_ray() -> None:
     import subprocess
 
-    code = ("import sys, workers.ops.replay, workers.ops.lag; "
-            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'tensorflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    code = (
+        "import sys, workers.ops.replay, workers.ops.lag; "
+        "print(sorted(m for m in ('torch', 'ray', 'transformers', 'tensorflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.stdout.strip() == "[]"
 
 

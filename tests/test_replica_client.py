@@ -77,7 +77,12 @@ def test_a_failed_call_is_retried_then_fails_every_image_of_it() -> None:
         handle = FakeHandle(failures=5)
         handle.release.set()
         client = ReplicaClient(
-            handle, max_batch_size=4, wait_s=0.0, retry_budget_s=30, call_timeout_s=30, max_attempts=2,
+            handle,
+            max_batch_size=4,
+            wait_s=0.0,
+            retry_budget_s=30,
+            call_timeout_s=30,
+            max_attempts=2,
             on_retry=lambda n, _e: retries.append(n),
         )
         with pytest.raises(ReplicaCallFailed, match="ConnectionError: replica died"):
@@ -117,7 +122,11 @@ def test_unavailable_replicas_are_retried_with_backoff_until_the_budget_is_spent
         handle.release.set()
         retries: list[int] = []
         client = ReplicaClient(
-            handle, max_batch_size=4, wait_s=0.0, retry_budget_s=30, call_timeout_s=30,
+            handle,
+            max_batch_size=4,
+            wait_s=0.0,
+            retry_budget_s=30,
+            call_timeout_s=30,
             on_retry=lambda n, _e: retries.append(n),
         )
         answer = await client.caption(image(5), PARAMS)
@@ -193,7 +202,9 @@ def test_an_unavailable_tier_is_retried_past_the_budget_never_failing_the_images
 
     async def scenario() -> None:
         handle = Unavailable()
-        client = ReplicaClient(handle, max_batch_size=4, wait_s=0.0, retry_budget_s=0.0, call_timeout_s=30, max_attempts=2)
+        client = ReplicaClient(
+            handle, max_batch_size=4, wait_s=0.0, retry_budget_s=0.0, call_timeout_s=30, max_attempts=2
+        )
         answer = await asyncio.wait_for(client.caption(image(1), PARAMS), 30)
         assert answer.captions == ["back"] and len(handle.calls) == 7, "neither the budget nor max_attempts ended it"
         await client.close()

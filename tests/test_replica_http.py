@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers.fake_tier import FakeTier
 from helpers.kafka_helpers import produce
 from helpers.worker_fixtures import (
@@ -20,7 +21,6 @@ from helpers.worker_fixtures import (
     upload,
     worker_settings,
 )
-
 from workers import metrics
 from workers.config import ReplicasConfig, WorkerConfig
 from workers.embedded import free_port, wait_until
@@ -42,8 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_frame_round_trips_images_and_params_in_order() -> None:
     rng = np.random.default_rng(0)
     greedy, beams = GenerationParams(beam_size=1), GenerationParams(beam_size=4)
-    items = [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), p)
-             for h, w, p in [(4, 5, greedy), (7, 3, beams), (2, 2, greedy)]]
+    items = [
+        (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), p)
+        for h, w, p in [(4, 5, greedy), (7, 3, beams), (2, 2, greedy)]
+    ]
     body = encode_batch(items)
     header_len = int.from_bytes(body[:4], "big")
     assert json.loads(body[4 : 4 + header_len])["items"] == [[4, 5, 0], [7, 3, 1], [2, 2, 0]]
@@ -56,12 +58,15 @@ def test_frame_round_trips_images_and_params_in_order() -> None:
     assert decode_answers(json.loads(json.dumps(encode_answers(answers))), 2) == answers
 
 
-@pytest.mark.parametrize("mangle", [
-    lambda b: b[:3],                       # no length prefix
-    lambda b: b[:-1],                      # pixels cut short
-    lambda b: b + b"\0",                   # trailing bytes
-    lambda b: (10**6).to_bytes(4, "big") + b[4:],  # header length past the end
-])
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda b: b[:3],  # no length prefix
+        lambda b: b[:-1],  # pixels cut short
+        lambda b: b + b"\0",  # trailing bytes
+        lambda b: (10**6).to_bytes(4, "big") + b[4:],  # header length past the end
+    ],
+)
 def test_malformed_frames_are_refused(mangle) -> None:
     body = encode_batch([(np.zeros((2, 2, 3), np.uint8), GenerationParams())])
     with pytest.raises(FrameError):
@@ -76,8 +81,15 @@ def test_the_http_ingest_path_imports_neither_torch_nor_ray() -> None:
         "bad = sorted(m for m in ('torch', 'ray', 'tensorflow', 'transformers') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -119,7 +131,8 @@ def test_transport_failures_pause_and_never_dead_letter(broker, s3_server, monke
 
     tier = FakeTier(free_port()).start()
     settings = worker_settings(
-        broker.bootstrap_servers, s3_server,
+        broker.bootstrap_servers,
+        s3_server,
         worker=WorkerConfig(max_in_flight=8, drain_timeout_s=30, revoke_grace_s=2, cache_size=0),
         replicas=ReplicasConfig(max_batch_size=4, batch_wait_timeout_s=0.01),
     )
@@ -135,11 +148,15 @@ def test_transport_failures_pause_and_never_dead_letter(broker, s3_server, monke
     pipeline.start()
     try:
         # The window fills with records that cannot be answered: the source pauses.
-        wait_until(lambda: metrics.PAUSED._value.get() == 1 and pipeline.window.count == 8,
-                   timeout_s=60, what="source paused on a full window")
+        wait_until(
+            lambda: metrics.PAUSED._value.get() == 1 and pipeline.window.count == 8,
+            timeout_s=60,
+            what="source paused on a full window",
+        )
         retries = metrics.INFERENCE_RETRIES._value.get()
-        wait_until(lambda: metrics.INFERENCE_RETRIES._value.get() >= retries + 2, timeout_s=30,
-                   what="refused calls retried")
+        wait_until(
+            lambda: metrics.INFERENCE_RETRIES._value.get() >= retries + 2, timeout_s=30, what="refused calls retried"
+        )
         tier.set_mode("busy")
         wait_until(lambda: tier.calls["busy"] >= 3, timeout_s=30, what="503s retried")
         tier.set_mode("stall")

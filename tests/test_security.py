@@ -28,6 +28,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import SecretStr
 
+from harness.chaos.proxy import DROPPED, ChaosProxy, FaultPlan
 from helpers.kafka_helpers import committed_offsets, kafka_config, produce
 from helpers.tls_helpers import TestCA, TlsTerminator
 from helpers.worker_fixtures import (
@@ -39,7 +40,6 @@ from helpers.worker_fixtures import (
     request,
     worker_settings,
 )
-from harness.chaos.proxy import DROPPED, ChaosProxy, FaultPlan
 from workers.config import ConfigError, KafkaConfig, LimitsConfig, load_settings
 from workers.contract import ErrorCode, Rejected, parse_request
 from workers.embedded import Broker, S3Server, free_port, wait_until
@@ -147,7 +147,9 @@ def test_reader_identity_reads_and_lists_only_its_buckets(reader_s3: S3Server) -
     assert admin.get_object(Bucket="images", Key="acl/open.png")["Body"].read() == b"open"  # not deleted
     env = reader_s3.reader_env()
     assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
-        reader_s3.reader_access_key, reader_s3.reader_secret_key)
+        reader_s3.reader_access_key,
+        reader_s3.reader_secret_key,
+    )
     assert reader_s3.reader_secret_key not in repr(reader_s3) and reader_s3.secret_key not in repr(reader_s3)
 
 
@@ -176,14 +178,19 @@ def test_pipeline_with_reader_keys_dead_letters_access_denied_and_leaks_no_secre
 
     plan = FaultPlan(drop_rate=1.0, applies_to=lambda _method, path: "/broken/" in path)
     with ChaosProxy(reader_s3.endpoint_url, plan) as proxy:
-        s3 = reader_s3.s3_config(endpoint_url=proxy.url, allowed_buckets=["images", "private"],
-                                 max_attempts=2, backoff_s=0.01)
+        s3 = reader_s3.s3_config(
+            endpoint_url=proxy.url, allowed_buckets=["images", "private"], max_attempts=2, backoff_s=0.01
+        )
         settings = worker_settings(broker.bootstrap_servers, reader_s3, s3=s3)
         settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"sasl_password": from_env})})
         kafka = settings.kafka
         ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic], partitions=1)
-        values = [request("s3://images/sec/a.png", id="ok-1"), request("s3://private/secret.png", id="denied"),
-                  request("s3://images/sec/broken/c.png", id="dropped"), request("s3://images/sec/b.png", id="ok-2")]
+        values = [
+            request("s3://images/sec/a.png", id="ok-1"),
+            request("s3://private/secret.png", id="denied"),
+            request("s3://images/sec/broken/c.png", id="dropped"),
+            request("s3://images/sec/b.png", id="ok-2"),
+        ]
         sent = produce(kafka.bootstrap_servers, kafka.input_topic, values)
         pipeline = Pipeline(settings, replicas).start()
         try:
@@ -200,8 +207,11 @@ def test_pipeline_with_reader_keys_dead_letters_access_denied_and_leaks_no_secre
     assert dropped["code"] == ErrorCode.FETCH_FAILED and "ConnectionClosedError" in dropped["message"]
     assert committed_offsets(kafka.bootstrap_servers, kafka.group_id, kafka.input_topic) == {0: sent[-1].offset + 1}
 
-    secrets = {"reader secret key": reader_s3.reader_secret_key, "admin secret key": reader_s3.secret_key,
-               "SASL password": SASL_PASSWORD}
+    secrets = {
+        "reader secret key": reader_s3.reader_secret_key,
+        "admin secret key": reader_s3.secret_key,
+        "SASL password": SASL_PASSWORD,
+    }
     assert any(r.levelno == logging.DEBUG and r.name.startswith("botocore") for r in caplog.records)
     assert_no_secret(
         secrets,
@@ -304,8 +314,12 @@ def test_sasl_settings_reach_consumer_and_producer(protocol: str, tmp_path: Path
         ssl_cafile=cafile if protocol == "SASL_SSL" else None,
     )
     limits = LimitsConfig()
-    expected = {"security_protocol": protocol, "sasl_mechanism": "SCRAM-SHA-512",
-                "sasl_plain_username": "captioner", "sasl_plain_password": SASL_PASSWORD}
+    expected = {
+        "security_protocol": protocol,
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "captioner",
+        "sasl_plain_password": SASL_PASSWORD,
+    }
     for kwargs in (client_kwargs(cfg), consumer_kwargs(cfg, limits), producer_kwargs(cfg, limits)):
         assert expected.items() <= kwargs.items()
         assert ("ssl_cafile" in kwargs) == (protocol == "SASL_SSL")
@@ -326,8 +340,13 @@ def test_sasl_handshake_is_attempted_and_the_password_is_not_logged(
     """The nearest to end to end this broker allows: a SASL_PLAINTEXT client really sends its
     SaslHandshake (Tansu refuses the mechanism), and nothing it logs at DEBUG holds the password."""
     caplog.set_level(logging.DEBUG, logger="kafka")
-    cfg = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, security_protocol="SASL_PLAINTEXT",
-                      sasl_mechanism="PLAIN", sasl_username="captioner", sasl_password=SASL_PASSWORD)
+    cfg = KafkaConfig(
+        bootstrap_servers=broker.bootstrap_servers,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="captioner",
+        sasl_password=SASL_PASSWORD,
+    )
     with pytest.raises(KafkaError):
         KafkaConsumer(**client_kwargs(cfg), bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS).close()
     assert "SaslHandshakeRequest" in caplog.text and "mechanism='PLAIN'" in caplog.text
@@ -385,53 +404,66 @@ def test_captioner_run_drains_on_sigterm_and_leaks_no_secret(
         good.append(f"s3://images/cli/{i}.png")
     kafka = kafka_config(broker.bootstrap_servers)
     ensure_topics(kafka, [kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic], partitions=1)
-    first = [request("s3://private/cli/secret.png", id="denied"), request("s3://images/cli/broken/x.png", id="dropped"),
-             request(good[0], id="ok-0")]
+    first = [
+        request("s3://private/cli/secret.png", id="denied"),
+        request("s3://images/cli/broken/x.png", id="dropped"),
+        request(good[0], id="ok-0"),
+    ]
     produce(kafka.bootstrap_servers, kafka.input_topic, first)
 
     plan = FaultPlan(drop_rate=1.0, applies_to=lambda _method, path: "/broken/" in path)
     with ChaosProxy(reader_s3.endpoint_url, plan) as proxy:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "CAPTIONER_")) and k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CAPTIONER_")) and k != "RAY_ADDRESS"}
         env.update(reader_s3.reader_env())  # the worker holds only the read-only keys
-        env.update({
-            "CAPTIONER_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            "CAPTIONER_KAFKA__INPUT_TOPIC": kafka.input_topic,
-            "CAPTIONER_KAFKA__OUTPUT_TOPIC": kafka.output_topic,
-            "CAPTIONER_KAFKA__DEAD_LETTER_TOPIC": kafka.dead_letter_topic,
-            "CAPTIONER_KAFKA__GROUP_ID": kafka.group_id,
-            "CAPTIONER_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-            "CAPTIONER_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
-            "CAPTIONER_KAFKA__POLL_TIMEOUT_MS": "100",
-            # Only the stop path commits: the committed offset below is the drain's doing.
-            "CAPTIONER_KAFKA__COMMIT_INTERVAL_S": "600",
-            "CAPTIONER_KAFKA__SASL_USERNAME": "captioner",
-            "CAPTIONER_KAFKA__SASL_PASSWORD": SASL_PASSWORD,
-            "CAPTIONER_S3__ENDPOINT_URL": proxy.url,
-            "CAPTIONER_S3__ALLOWED_BUCKETS": '["images", "private"]',
-            "CAPTIONER_S3__MAX_ATTEMPTS": "2",
-            "CAPTIONER_S3__BACKOFF_S": "0.01",
-            "CAPTIONER_MODEL__SOURCE": "tiny-random",
-            "CAPTIONER_MODEL__CACHE_DIR": str(MODEL_CACHE),
-            "CAPTIONER_MODEL__TORCH_THREADS": "1",
-            "CAPTIONER_REPLICAS__MAX_BATCH_SIZE": "4",
-            "CAPTIONER_RAY__TEMP_DIR": f"/tmp/captioner-test-ray-cli-{os.getuid()}",  # short: AF_UNIX paths
-            "CAPTIONER_RAY__NUM_CPUS": "2",
-            "CAPTIONER_METRICS__PORT": "0",
-            "CAPTIONER_WORKER__DRAIN_TIMEOUT_S": "30",
-            "USE_TF": "0",  # torch backend: importing TensorFlow too would cost ~2 s and 600 MB
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CAPTIONER_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+                "CAPTIONER_KAFKA__INPUT_TOPIC": kafka.input_topic,
+                "CAPTIONER_KAFKA__OUTPUT_TOPIC": kafka.output_topic,
+                "CAPTIONER_KAFKA__DEAD_LETTER_TOPIC": kafka.dead_letter_topic,
+                "CAPTIONER_KAFKA__GROUP_ID": kafka.group_id,
+                "CAPTIONER_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
+                "CAPTIONER_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
+                "CAPTIONER_KAFKA__POLL_TIMEOUT_MS": "100",
+                # Only the stop path commits: the committed offset below is the drain's doing.
+                "CAPTIONER_KAFKA__COMMIT_INTERVAL_S": "600",
+                "CAPTIONER_KAFKA__SASL_USERNAME": "captioner",
+                "CAPTIONER_KAFKA__SASL_PASSWORD": SASL_PASSWORD,
+                "CAPTIONER_S3__ENDPOINT_URL": proxy.url,
+                "CAPTIONER_S3__ALLOWED_BUCKETS": '["images", "private"]',
+                "CAPTIONER_S3__MAX_ATTEMPTS": "2",
+                "CAPTIONER_S3__BACKOFF_S": "0.01",
+                "CAPTIONER_MODEL__SOURCE": "tiny-random",
+                "CAPTIONER_MODEL__CACHE_DIR": str(MODEL_CACHE),
+                "CAPTIONER_MODEL__TORCH_THREADS": "1",
+                "CAPTIONER_REPLICAS__MAX_BATCH_SIZE": "4",
+                "CAPTIONER_RAY__TEMP_DIR": f"/tmp/captioner-test-ray-cli-{os.getuid()}",  # short: AF_UNIX paths
+                "CAPTIONER_RAY__NUM_CPUS": "2",
+                "CAPTIONER_METRICS__PORT": "0",
+                "CAPTIONER_WORKER__DRAIN_TIMEOUT_S": "30",
+                "USE_TF": "0",  # torch backend: importing TensorFlow too would cost ~2 s and 600 MB
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         log_path = tmp_path / "captioner-run.log"
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "run"], cwd=REPO, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "run"],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 collect_outcomes(kafka, len(first), timeout=120)
                 # More work, then SIGTERM as soon as one of it is answered: the rest is in flight.
-                produce(kafka.bootstrap_servers, kafka.input_topic,
-                        [request(u, id=f"ok-{i}") for i, u in enumerate(good[1:], start=1)])
+                produce(
+                    kafka.bootstrap_servers,
+                    kafka.input_topic,
+                    [request(u, id=f"ok-{i}") for i, u in enumerate(good[1:], start=1)],
+                )
                 collect_outcomes(kafka, len(first) + 1, timeout=60)
                 proc.send_signal(signal.SIGTERM)
                 returncode = proc.wait(timeout=90)
@@ -452,8 +484,11 @@ def test_captioner_run_drains_on_sigterm_and_leaks_no_secret(
     assert answered == list(range(committed)), (committed, answered)
     codes = {json.loads(d.value)["id"]: json.loads(d.value)["error"]["code"] for d in dead}
     assert codes == {"denied": "access_denied", "dropped": "fetch_failed"}
-    secrets = {"reader secret key": reader_s3.reader_secret_key, "admin secret key": reader_s3.secret_key,
-               "SASL password": SASL_PASSWORD}
+    secrets = {
+        "reader secret key": reader_s3.reader_secret_key,
+        "admin secret key": reader_s3.secret_key,
+        "SASL password": SASL_PASSWORD,
+    }
     assert_no_secret(secrets, output=output, outcomes=records_text(results + dead))
 
 
@@ -539,7 +574,9 @@ def test_redirects_are_not_followed(s3_server: S3Server, status: int) -> None:
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         client = s3_server.client(endpoint_url=f"http://127.0.0.1:{redirector.server_port}")
-        fetcher = Fetcher(client, s3_server.s3_config(max_attempts=2, backoff_s=0), LimitsConfig(), sleep=lambda _s: None)
+        fetcher = Fetcher(
+            client, s3_server.s3_config(max_attempts=2, backoff_s=0), LimitsConfig(), sleep=lambda _s: None
+        )
         with pytest.raises(Rejected) as err:
             fetcher.fetch("s3://images/redirected.png")
     finally:

@@ -55,9 +55,7 @@ def make_request(key: bytes | None = None) -> contract.Request:
     )
 
 
-def test_result_goes_to_output_topic_keyed_by_id_with_headers(
-    sink: Sink, cfg: KafkaConfig, broker: Broker
-) -> None:
+def test_result_goes_to_output_topic_keyed_by_id_with_headers(sink: Sink, cfg: KafkaConfig, broker: Broker) -> None:
     acks = Acks()
     request = make_request()
     record = {"id": request.id, "caption": "a cat", "source": request.source.as_dict()}

@@ -163,7 +163,9 @@ def two_partitions() -> Iterator[Harness]:
 def test_every_record_becomes_one_ticket_and_settled_ones_are_committed(two_partitions: Harness) -> None:
     h = two_partitions
     wait_for(lambda: len(h.received) == 8)
-    assert sorted((d.partition, d.offset) for d in h.received) == [(0, o) for o in range(5)] + [(1, o) for o in range(3)]
+    assert sorted((d.partition, d.offset) for d in h.received) == [(0, o) for o in range(5)] + [
+        (1, o) for o in range(3)
+    ]
     assert h.consumer is not None
     assert h.consumer.kwargs["enable_auto_commit"] is False
     h.settle({(0, 0), (0, 1), (0, 3), (1, 0), (1, 1), (1, 2)})

@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from workers.model.loading import build_tiny_random  # noqa: E402
-from workers.params import GenerationParams  # noqa: E402
 from workers.model.preprocess import normalize, spec_from_dir  # noqa: E402
+from workers.params import GenerationParams  # noqa: E402
 
 pytest.importorskip("tensorflow")
 
@@ -42,11 +42,18 @@ SEARCH_MODES = {
     "beam2-return2": GenerationParams(beam_size=2, n_return_sequences=2, max_output_length=MAX_NEW),
     "beam4-return2": GenerationParams(beam_size=4, n_return_sequences=2, max_output_length=MAX_NEW),
     "beam4-processors": GenerationParams(
-        beam_size=4, n_return_sequences=2, max_output_length=MAX_NEW + 2,
-        min_output_length=2, repetition_penalty=1.3, no_repeat_ngram_size=2,
+        beam_size=4,
+        n_return_sequences=2,
+        max_output_length=MAX_NEW + 2,
+        min_output_length=2,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
     ),
     "greedy-processors": GenerationParams(
-        beam_size=1, max_output_length=MAX_NEW + 2, min_output_length=3, repetition_penalty=1.5,
+        beam_size=1,
+        max_output_length=MAX_NEW + 2,
+        min_output_length=3,
+        repetition_penalty=1.5,
     ),
 }
 MIXED_BATCHES = ([0, 1, 2, 3, 4, 5], [3, 0, 3], [5, 2])  # buckets 8, 4, 2; a duplicate rides along
@@ -144,7 +151,9 @@ def test_tf_tokens_equal_pytorch_per_image_in_mixed_batches(
         for slot, image in enumerate(images):
             expected, expected_scores = reference[image]
             got = out.sequences[slot * k : (slot + 1) * k]
-            np.testing.assert_array_equal(got, _pad(expected, got.shape[1], eos), err_msg=f"{mode} image {image} in {images}")
+            np.testing.assert_array_equal(
+                got, _pad(expected, got.shape[1], eos), err_msg=f"{mode} image {image} in {images}"
+            )
             if expected_scores is None:
                 assert out.scores is None
             else:
@@ -191,7 +200,9 @@ def test_warm_buckets_and_shape_cache_counters(tf_backend: TFBackend, pixels: np
 def test_seeded_sampling_is_reproducible(tf_backend: TFBackend, pixels: np.ndarray) -> None:
     # Sampling is NOT token-equal to PyTorch (NumPy's generator, not torch.multinomial); it is
     # reproducible for a seed and returns n_return_sequences rows per image.
-    params = GenerationParams(beam_size=1, do_sample=True, n_return_sequences=2, max_output_length=MAX_NEW, seed=7, top_k=5)
+    params = GenerationParams(
+        beam_size=1, do_sample=True, n_return_sequences=2, max_output_length=MAX_NEW, seed=7, top_k=5
+    )
     first = tf_backend.generate(pixels[:3], params)
     again = tf_backend.generate(pixels[:3], params)
     assert first.sequences.shape[0] == 6 and first.scores is None

@@ -30,8 +30,11 @@ def test_tf_replicas_caption_the_stream_exactly_like_torch(broker, s3_server, ra
     images = [png_bytes(700 + i) for i in range(6)]
     uris = [upload(s3_server, f"tf/{i}.png", data) for i, data in enumerate(images)]
     params = [{}, {"beam_size": 4, "n_return_sequences": 2}, {"beam_size": 1}] * 2
-    produce(kafka.bootstrap_servers, kafka.input_topic,
-            [request(u, id=f"tf{i}", params=p) for i, (u, p) in enumerate(zip(uris, params, strict=True))])
+    produce(
+        kafka.bootstrap_servers,
+        kafka.input_topic,
+        [request(u, id=f"tf{i}", params=p) for i, (u, p) in enumerate(zip(uris, params, strict=True))],
+    )
 
     replicas = ReplicasConfig(num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.05)
     handle = serve.run(replica_app(tf_model, None, replicas), name="tf-worker", route_prefix=None)

@@ -10,11 +10,11 @@ from transformers import VisionEncoderDecoderModel
 
 from workers.config import ModelConfig
 from workers.model import load_model
-from workers.params import GenerationParams
 from workers.model.engine import CaptionEngine
 from workers.model.loading import TOY_SHAPES, resolve_model_dir
 from workers.model.toy.scenes import WORDS, dataset
 from workers.model.toy.train import SHIPPED, TOY_MARKER
+from workers.params import GenerationParams
 
 # Measured on these 500 held-out scenes (docs/benchmarks.md): fp32 accuracy 0.958; captions
 # identical to fp32: bf16 0.996, fp16 1.000, int8 0.992. The floor leaves a margin below the
@@ -57,7 +57,7 @@ def test_toy_model_is_shipped_labelled_and_not_untrained() -> None:
 
 
 def test_toy_accuracy_on_held_out_scenes(fp32_captions, held_out) -> None:
-    accuracy = np.mean([got == want for got, want in zip(fp32_captions, held_out[1])])
+    accuracy = np.mean([got == want for got, want in zip(fp32_captions, held_out[1], strict=False)])
     assert accuracy >= ACCURACY_FLOOR, accuracy
 
 
@@ -69,14 +69,18 @@ def test_precision_modes_keep_the_fp32_captions(precision, toy_model, fp32_capti
     tokenizer = toy_model.tokenizer
     results = engine.generate(pixels, PARAMS)
     texts = [tokenizer.decode(r.sequences[0], skip_special_tokens=True).strip() for r in results]
-    agreement = np.mean([a == b for a, b in zip(texts, fp32_captions)])
+    agreement = np.mean([a == b for a, b in zip(texts, fp32_captions, strict=False)])
     assert agreement >= AGREEMENT_FLOOR, (precision, agreement)
 
 
 def test_engine_on_the_toy_model_is_token_identical_to_generate(held_out) -> None:
     model = VisionEncoderDecoderModel.from_pretrained(SHIPPED).eval()
     pixels = torch.from_numpy((held_out[0][:24].astype(np.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
-    for params in (PARAMS, GenerationParams(beam_size=1, max_output_length=12), GenerationParams(beam_size=4, n_return_sequences=2)):
+    for params in (
+        PARAMS,
+        GenerationParams(beam_size=1, max_output_length=12),
+        GenerationParams(beam_size=4, n_return_sequences=2),
+    ):
         engine = CaptionEngine(model, max_images=8)
         results = engine.generate(pixels, params)
         with torch.inference_mode():

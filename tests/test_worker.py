@@ -11,8 +11,8 @@ import requests
 from helpers.kafka_helpers import committed_offsets, consume_until, produce
 from helpers.worker_fixtures import (
     BUCKET,
-    deploy_tiny_replicas,
     collect_outcomes,
+    deploy_tiny_replicas,
     flat_png,
     outcomes_by_offset,
     png_bytes,
@@ -20,8 +20,8 @@ from helpers.worker_fixtures import (
     upload,
     worker_settings,
 )
-from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
 from workers import metrics
+from workers.config import KafkaConfig, LimitsConfig, WorkerConfig
 from workers.embedded import free_port, wait_until
 from workers.kafkaclient import ensure_topics
 from workers.pipeline import Pipeline
@@ -177,8 +177,10 @@ def test_every_dead_letter_code_and_offsets_move_past_them(broker, s3_server, re
     # access_denied and fetch_failed need a different S3 view: wrong keys, and a failing endpoint.
     with ChaosProxy(s3_server.endpoint_url, FaultPlan(error_rate=1.0), seed=1) as proxy:
         failing = worker_settings(
-            broker.bootstrap_servers, s3_server, s3=s3_server.s3_config(
-                endpoint_url=proxy.url, allowed_buckets=[BUCKET], max_attempts=2, backoff_s=0.01))
+            broker.bootstrap_servers,
+            s3_server,
+            s3=s3_server.s3_config(endpoint_url=proxy.url, allowed_buckets=[BUCKET], max_attempts=2, backoff_s=0.01),
+        )
         make_topics(failing.kafka, partitions=1)
         produce(failing.kafka.bootstrap_servers, failing.kafka.input_topic, [request(good)])
         _, dead, _ = run_until_outcomes(failing, replicas, 1)
@@ -222,7 +224,8 @@ def test_restart_mid_stream_loses_nothing(broker, s3_server, replicas):
     second = Pipeline(settings, replicas).start()
     try:
         consume_until(
-            kafka.bootstrap_servers, kafka.output_topic,
+            kafka.bootstrap_servers,
+            kafka.output_topic,
             lambda recs: {json.loads(r.value)["id"] for r in recs} >= {f"r{i}" for i in range(len(uris))},
             timeout=120,
         )
@@ -246,9 +249,15 @@ def test_two_workers_in_one_group_split_partitions(broker, s3_server, replicas):
         a.wait_started()
         b.wait_started()
         # Wait until the group settled with both members before producing.
-        wait_until(lambda: a.sources[0].assignment and b.sources[0].assignment
-                   and len(a.sources[0].assignment | b.sources[0].assignment) == 4,
-                   timeout_s=60, what="both members assigned")
+        wait_until(
+            lambda: (
+                a.sources[0].assignment
+                and b.sources[0].assignment
+                and len(a.sources[0].assignment | b.sources[0].assignment) == 4
+            ),
+            timeout_s=60,
+            what="both members assigned",
+        )
         sent = produce(kafka.bootstrap_servers, kafka.input_topic, [request(u) for u in uris])
         results, _ = collect_outcomes(kafka, len(uris), timeout=120)
         assignment_a, assignment_b = set(a.sources[0].assignment), set(b.sources[0].assignment)

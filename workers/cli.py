@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +20,7 @@ app = typer.Typer(
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
 
 
-class LogFormatName(str, Enum):
+class LogFormatName(StrEnum):
     text = "text"
     json = "json"
 
@@ -32,16 +32,26 @@ _LONG_RUNNING = {"run", "serve"}
 @app.callback()
 def _global_options(
     ctx: typer.Context,
-    log_format: Annotated[LogFormatName, typer.Option(
-        "--log-format", envvar="CAPTIONER_LOG_FORMAT",
-        help="json: one object per line, with request id and Kafka coordinates where known")] = LogFormatName.text,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also Ray's, Serve's and the clients' own log lines")] = False,
+    log_format: Annotated[
+        LogFormatName,
+        typer.Option(
+            "--log-format",
+            envvar="CAPTIONER_LOG_FORMAT",
+            help="json: one object per line, with request id and Kafka coordinates where known",
+        ),
+    ] = LogFormatName.text,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also Ray's, Serve's and the clients' own log lines")
+    ] = False,
 ) -> None:
     """Options for every command; they go before it: `captioner --log-format json run`."""
     from workers.logs import configure_logging
 
-    configure_logging(log_format.value, verbose=verbose,  # type: ignore[arg-type]
-                      quiet=ctx.invoked_subcommand not in _LONG_RUNNING)
+    configure_logging(
+        log_format.value,
+        verbose=verbose,  # type: ignore[arg-type]
+        quiet=ctx.invoked_subcommand not in _LONG_RUNNING,
+    )
 
 
 def _settings(config: Path | None, **overrides):
@@ -123,22 +133,30 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="comma-separated (model, pipeline)")] = "1,4,16",
     model: Annotated[str, typer.Option(help="full (random full-size) or tiny-random (model, pipeline)")] = "full",
     rounds: Annotated[int, typer.Option(min=1)] = 2,
-    quick: Annotated[bool, typer.Option(help="engine, scale, memory: the small form CI runs (consistency, not speed)")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="engine, scale, memory: the small form CI runs (consistency, not speed)")
+    ] = False,
     report: Annotated[Optional[Path], typer.Option(help="write PNG plots and summary.md to this folder")] = None,
 ) -> None:
     """Benchmarks that print ratios measured in one run, with the CPU's features (random weights)."""
     from harness import bench as bench_mod  # tooling, not runtime: imported only here
 
-    bench_mod.main(mode=mode, backend=backend, batch_sizes=[int(b) for b in batch_sizes.split(",")],
-                   model=model, rounds=rounds, quick=quick, report_dir=report)
+    bench_mod.main(
+        mode=mode,
+        backend=backend,
+        batch_sizes=[int(b) for b in batch_sizes.split(",")],
+        model=model,
+        rounds=rounds,
+        quick=quick,
+        report_dir=report,
+    )
 
 
 @app.command()
 def run(config: ConfigOpt = None) -> None:
     """The long-running worker: consume requests, caption, publish; SIGTERM drains and commits."""
-    from workers import runner
-
     from deployment.local import local_inference_tier
+    from workers import runner
 
     raise typer.Exit(runner.run(_settings(config), local_tier=local_inference_tier))
 
@@ -154,12 +172,13 @@ def serve_cmd(config: ConfigOpt = None) -> None:
 @app.command()
 def demo(
     config: ConfigOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="default: the pretrained checkpoint if present, else tiny-random")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="default: the pretrained checkpoint if present, else tiny-random")
+    ] = None,
 ) -> None:
     """Embedded everything: upload the samples, submit requests, run the worker, print the results."""
-    from workers import runner
-
     from deployment.local import local_inference_tier
+    from workers import runner
 
     raise typer.Exit(runner.demo(_settings(config), model=model, local_tier=local_inference_tier))
 
@@ -169,7 +188,9 @@ def submit(
     inputs: Annotated[list[str], typer.Argument(help="s3://bucket/prefix or local image files")],
     config: ConfigOpt = None,
     topic: Annotated[Optional[str], typer.Option(help="default: kafka.input_topic")] = None,
-    bucket: Annotated[Optional[str], typer.Option(help="where local files are uploaded (default: first allow-listed)")] = None,
+    bucket: Annotated[
+        Optional[str], typer.Option(help="where local files are uploaded (default: first allow-listed)")
+    ] = None,
 ) -> None:
     """Produce one request per image (uploading local files first)."""
     from workers import submit as submit_mod
@@ -181,7 +202,9 @@ def submit(
 
 @app.command()
 def chaos(
-    requests: Annotated[int, typer.Option(min=30, help="requests in the stream (poison and awkward images included)")] = 300,
+    requests: Annotated[
+        int, typer.Option(min=30, help="requests in the stream (poison and awkward images included)")
+    ] = 300,
     seed: Annotated[int, typer.Option(help="makes the request mix, fault timing and S3 faults repeatable")] = 0,
     report: Annotated[Optional[Path], typer.Option(help="also write the report as JSON here")] = None,
     kill_replicas: Annotated[int, typer.Option(min=0, help="Serve replicas to ray.kill mid-stream")] = 1,
@@ -191,24 +214,44 @@ def chaos(
     s3_drop_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 connections dropped")] = 0.02,
     s3_delay_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 answers delayed")] = 0.02,
     s3_truncate_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 bodies cut short")] = 0.02,
-    s3_drip_rate: Annotated[float, typer.Option(min=0, max=1, help="S3 GET bodies dripped (cut off by the fetch deadline)")] = 0.01,
-    hang_replicas: Annotated[int, typer.Option(min=0, help="times every Serve replica is SIGSTOPped past the call timeout, then SIGCONT")] = 1,
+    s3_drip_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="S3 GET bodies dripped (cut off by the fetch deadline)")
+    ] = 0.01,
+    hang_replicas: Annotated[
+        int, typer.Option(min=0, help="times every Serve replica is SIGSTOPped past the call timeout, then SIGCONT")
+    ] = 1,
     throttle_bursts: Annotated[int, typer.Option(min=0, help="bursts of every S3 call answered 503 SlowDown")] = 1,
-    drain_rebalances: Annotated[int, typer.Option(min=0, help="consumers SIGTERMed (drain) while a replacement joins")] = 1,
+    drain_rebalances: Annotated[
+        int, typer.Option(min=0, help="consumers SIGTERMed (drain) while a replacement joins")
+    ] = 1,
     consumers: Annotated[int, typer.Option(min=1, help="consumer worker processes in the group")] = 2,
     max_in_flight: Annotated[int, typer.Option(min=1, help="worker.max_in_flight per consumer worker")] = 32,
-    timeout: Annotated[Optional[float], typer.Option(help="seconds for the whole stream (default scales with --requests)")] = None,
+    timeout: Annotated[
+        Optional[float], typer.Option(help="seconds for the whole stream (default scales with --requests)")
+    ] = None,
     keep: Annotated[bool, typer.Option(help="keep the work dir (logs, settings) under .tmp/")] = False,
 ) -> None:
     """A bounded, loopback-only chaos run (embedded S3, durable broker, Ray): exit 1 if anything was lost."""
     from harness import chaos as chaos_mod  # tooling, not runtime: imported only here
 
     opts = chaos_mod.ChaosOptions(
-        requests=requests, seed=seed, kill_replicas=kill_replicas, kill_consumers=kill_consumers,
-        broker_restarts=broker_restarts, s3_error_rate=s3_error_rate, s3_drop_rate=s3_drop_rate,
-        s3_delay_rate=s3_delay_rate, s3_truncate_rate=s3_truncate_rate, s3_drip_rate=s3_drip_rate,
-        hang_replicas=hang_replicas, throttle_bursts=throttle_bursts, drain_rebalances=drain_rebalances, consumers=consumers,
-        max_in_flight=max_in_flight, timeout_s=timeout, keep_workdir=keep,
+        requests=requests,
+        seed=seed,
+        kill_replicas=kill_replicas,
+        kill_consumers=kill_consumers,
+        broker_restarts=broker_restarts,
+        s3_error_rate=s3_error_rate,
+        s3_drop_rate=s3_drop_rate,
+        s3_delay_rate=s3_delay_rate,
+        s3_truncate_rate=s3_truncate_rate,
+        s3_drip_rate=s3_drip_rate,
+        hang_replicas=hang_replicas,
+        throttle_bursts=throttle_bursts,
+        drain_rebalances=drain_rebalances,
+        consumers=consumers,
+        max_in_flight=max_in_flight,
+        timeout_s=timeout,
+        keep_workdir=keep,
     )
     result = chaos_mod.run_chaos(opts, command=chaos_mod.command_line())
     chaos_mod.print_report(result)
@@ -220,8 +263,12 @@ def chaos(
 def _broker_settings(config: Path | None):
     settings = _settings(config)
     if settings.kafka.embedded:
-        typer.secho("this command reads a running broker: set kafka.bootstrap_servers (config or "
-                    "CAPTIONER_KAFKA__BOOTSTRAP_SERVERS), not 'embedded'", fg="red", err=True)
+        typer.secho(
+            "this command reads a running broker: set kafka.bootstrap_servers (config or "
+            "CAPTIONER_KAFKA__BOOTSTRAP_SERVERS), not 'embedded'",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2)
     return settings
 
@@ -231,7 +278,9 @@ def lag(
     config: ConfigOpt = None,
     group: Annotated[str | None, typer.Option(help="consumer group (default: kafka.group_id)")] = None,
     topic: Annotated[list[str] | None, typer.Option(help="topic(s) (default: kafka.input_topic)")] = None,
-    sample: Annotated[float, typer.Option(min=0, help="seconds between the two readings the rate comes from; 0: one reading")] = 2.0,
+    sample: Annotated[
+        float, typer.Option(min=0, help="seconds between the two readings the rate comes from; 0: one reading")
+    ] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of the table")] = False,
 ) -> None:
     """Per partition: the group's committed offset, the end offset, the lag and its rate of change."""
@@ -258,12 +307,19 @@ def replay(
     code: Annotated[list[str] | None, typer.Option(help="only dead letters with this error code (repeatable)")] = None,
     request_id: Annotated[list[str] | None, typer.Option("--id", help="only this request id (repeatable)")] = None,
     key: Annotated[list[str] | None, typer.Option(help="only this Kafka key (repeatable)")] = None,
-    from_offset: Annotated[int | None, typer.Option(min=0, help="start at this offset (each partition); a re-scan")] = None,
+    from_offset: Annotated[
+        int | None, typer.Option(min=0, help="start at this offset (each partition); a re-scan")
+    ] = None,
     to_offset: Annotated[int | None, typer.Option(min=0, help="stop after this offset (inclusive)")] = None,
-    since: Annotated[datetime | None, typer.Option(help="start at the first dead letter at/after this time; a re-scan")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="start at the first dead letter at/after this time; a re-scan")
+    ] = None,
     until: Annotated[datetime | None, typer.Option(help="stop after this time (inclusive)")] = None,
     partition: Annotated[list[int] | None, typer.Option(help="only this dead-letter partition (repeatable)")] = None,
-    group: Annotated[str | None, typer.Option(help="replay's own group, remembering where it got to (default: <kafka.group_id>.replay)")] = None,
+    group: Annotated[
+        str | None,
+        typer.Option(help="replay's own group, remembering where it got to (default: <kafka.group_id>.replay)"),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="send at most this many")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="read and report, send nothing, remember nothing")] = False,
 ) -> None:
@@ -290,15 +346,24 @@ def replay(
     options = ReplayOptions(
         group=group or f"{settings.kafka.group_id}.replay",
         filter=ReplayFilter.of(code or (), request_id or (), key or ()),
-        from_offset=from_offset, to_offset=to_offset, since=since, until=until,
-        partitions=frozenset(partition or ()), limit=limit, dry_run=dry_run,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        since=since,
+        until=until,
+        partitions=frozenset(partition or ()),
+        limit=limit,
+        dry_run=dry_run,
     )
     columns = (TextColumn("dead letters"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("read", total=None)
         try:
-            summary = run_replay(settings.kafka, settings.limits, options,
-                                 progress=lambda done, total: bar.update(task, completed=done, total=max(total, done)))
+            summary = run_replay(
+                settings.kafka,
+                settings.limits,
+                options,
+                progress=lambda done, total: bar.update(task, completed=done, total=max(total, done)),
+            )
         except LookupError as e:
             typer.secho(str(e), fg="red", err=True)
             raise typer.Exit(2) from None

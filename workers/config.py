@@ -1,22 +1,20 @@
 """The settings tree: one YAML file, overridden by `CAPTIONER_*` environment variables.
 
 Precedence (highest first): overrides passed in code (CLI flags), the environment
-(`CAPTIONER_KAFKA__INPUT_TOPIC=x`), the YAML file, the defaults below. A bad value fails at start with the key, the value and
+(`CAPTIONER_KAFKA__INPUT_TOPIC=x`), the YAML file, the defaults below. A bad value fails at
+start with the key, the value and
 what is wrong (`ConfigError`), never later in the hot path.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -25,11 +23,11 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from workers.config_http import HttpConfig, Section
 from workers.params import GenerationParams
 
 EMBEDDED = "embedded"
@@ -39,19 +37,14 @@ TINY_RANDOM = "tiny-random"
 MB = 1024 * 1024
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     source: str = Field(
         DEFAULT_MODEL,
         description="Hub id, local save_pretrained directory, s3://bucket/prefix/, or 'tiny-random'.",
     )
     backend: Literal["torch", "tf"] = "torch"
     cache_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("CAPTIONER_CACHE", "~/.cache/captioner")).expanduser()
-        / "models",
+        default_factory=lambda: Path(os.environ.get("CAPTIONER_CACHE", "~/.cache/captioner")).expanduser() / "models",
         description="Where s3:// models are downloaded to (keyed by the objects' ETags).",
     )
     device: str = Field("auto", description="'auto' (GPU Ray assigned, else CPU), 'cpu' or 'cuda[:N]'.")
@@ -59,7 +52,8 @@ class ModelConfig(_Section):
     engine: bool = Field(True, description="torch: decode with the engine (continuous batching); false: generate")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
         "auto",
-        description="engine precision: auto = bfloat16 on CUDA and AMX-BF16 CPUs, else float32; int8 = CPU dynamic quantisation",
+        description="engine precision: auto = bfloat16 on CUDA and AMX-BF16 CPUs, else float32; "
+        "int8 = CPU dynamic quantisation",
     )
 
     @field_validator("source")
@@ -70,7 +64,7 @@ class ModelConfig(_Section):
         return v.strip()
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(Section):
     """Caps that keep one message from taking the worker down; all are per request."""
 
     max_message_bytes: int = Field(2 * MB, gt=0, description="Larger Kafka values are invalid_message.")
@@ -93,7 +87,7 @@ class LimitsConfig(_Section):
                 raise ValueError(f"{name}={value} exceeds limits.{limit} ({cap})")
 
 
-class KafkaConfig(_Section):
+class KafkaConfig(Section):
     bootstrap_servers: str = Field(EMBEDDED, description="'embedded' or host:port[,host:port]")
     input_topic: str = "images"
     output_topic: str = "captions"
@@ -106,17 +100,21 @@ class KafkaConfig(_Section):
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     poll_timeout_ms: int = Field(200, ge=1)
     fetch_max_wait_ms: int = Field(
-        50, ge=0,
+        50,
+        ge=0,
         description="how long the broker may hold a fetch with no data; Tansu answers a held "
         "fetch late when records arrive, so a low value is what keeps light-load latency low",
     )
     commit_interval_s: float = Field(1.0, gt=0)
     create_topics: bool = Field(
-        True, description="create missing topics at start (local); false in prod, where topics are "
+        True,
+        description="create missing topics at start (local); false in prod, where topics are "
         "provisioned and the ingest only checks them",
     )
     min_input_partitions: int = Field(
-        1, ge=1, description="the ingest refuses to start unless the input topic has at least this many "
+        1,
+        ge=1,
+        description="the ingest refuses to start unless the input topic has at least this many "
         "partitions (prod: the KEDA ScaledObject's maxReplicaCount)",
     )
     # TLS / SASL. Secrets come from the environment (CAPTIONER_KAFKA__SASL_PASSWORD), never YAML.
@@ -147,10 +145,8 @@ class KafkaConfig(_Section):
         return self.bootstrap_servers == EMBEDDED
 
 
-class S3Config(_Section):
-    endpoint_url: str | None = Field(
-        EMBEDDED, description="'embedded', an http(s) URL, or null for AWS itself."
-    )
+class S3Config(Section):
+    endpoint_url: str | None = Field(EMBEDDED, description="'embedded', an http(s) URL, or null for AWS itself.")
     region: str = "us-east-1"
     allowed_buckets: list[str] = Field(
         default_factory=lambda: ["images"],
@@ -176,29 +172,33 @@ class S3Config(_Section):
         return self.endpoint_url == EMBEDDED
 
 
-class WorkerConfig(_Section):
+class WorkerConfig(Section):
     max_in_flight: int = Field(64, ge=1, description="pause the source at this many open messages")
     resume_below: int | None = Field(None, ge=0, description="resume under this (default half)")
     fetch_concurrency: int = Field(16, ge=1)
     cache_size: int = Field(1024, ge=0, description="LRU entries; 0 disables the caption cache")
     drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: wait this long for open records")
     revoke_grace_s: float = Field(
-        2.0, ge=0,
+        2.0,
+        ge=0,
         description="rebalance: wait this long for revoked records; it runs on the heartbeat thread, so it "
         "must stay well under kafka.session_timeout_ms (checked)",
     )
     inference_retry_budget_s: float = Field(
-        30.0, ge=0,
+        30.0,
+        ge=0,
         description="replica calls that fail as a whole (replicas unavailable, restarting, timing out) are "
         "retried with backoff and jitter for this long; then inference_failed",
     )
     produce_deadline_s: float = Field(
-        120.0, gt=0,
+        120.0,
+        gt=0,
         description="an outcome the broker does not take (unreachable, timeouts) is re-sent with backoff for "
         "this long; then the worker stops with exit code 3 and commits nothing past it",
     )
     memory_budget_bytes: int = Field(
-        1024 * MB, ge=16 * MB,
+        1024 * MB,
+        ge=16 * MB,
         description="process-wide bytes of images being decoded at once (encoded, decoded and "
         "transient copies, estimated from each header); sized for a 2 GiB pod",
     )
@@ -214,14 +214,16 @@ class WorkerConfig(_Section):
         return self.max_in_flight // 2 if self.resume_below is None else self.resume_below
 
 
-class AutoscalingConfig(_Section):
+class AutoscalingConfig(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     initial_replicas: int | None = Field(
         None, ge=0, description="replicas a new deployment starts with (an upgrade: the steady state)"
     )
     target_ongoing_requests: float = Field(
-        2, gt=0, description="calls per replica, not images: the ingest's calls carry up to max_batch_size "
+        2,
+        gt=0,
+        description="calls per replica, not images: the ingest's calls carry up to max_batch_size "
         "images, so 2 is one batch generating and the next one formed",
     )
     upscale_delay_s: float = Field(10, ge=0)
@@ -238,30 +240,36 @@ class AutoscalingConfig(_Section):
         return self
 
 
-class ReplicasConfig(_Section):
+class ReplicasConfig(Section):
     num_replicas: int = Field(1, ge=1, description="fixed count; ignored when autoscaling is set")
     autoscaling: AutoscalingConfig | None = None
     num_gpus: float = Field(0, ge=0, description="per replica; fractions pack replicas on a GPU")
     num_cpus: float = Field(1, ge=0)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0,
+        0.01,
+        ge=0,
         description="how long a batch waits to fill, on the replica and, while a call is in "
         "flight, in the worker's micro-batcher; an idle worker sends at once",
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=2, description="calls a replica takes at once; default 2 × max_batch_size, so per-image "
+        None,
+        ge=2,
+        description="calls a replica takes at once; default 2 × max_batch_size, so per-image "
         "callers (POST /v1/captions) can still fill a batch",
     )
     call_timeout_s: float = Field(
         120.0, gt=0, description="a replica call's total deadline; a hung call is cancelled and retried"
     )
     max_queued_requests: int | None = Field(
-        None, ge=1, description="calls each caller may queue when every replica is at "
+        None,
+        ge=1,
+        description="calls each caller may queue when every replica is at "
         "max_ongoing_requests; beyond it Serve answers 503 and the ingest pauses (None: unbounded)",
     )
     endpoint: str | None = Field(
-        None, description="URL of the inference tier's Serve proxy (e.g. http://captioner-serve-svc:8000): "
+        None,
+        description="URL of the inference tier's Serve proxy (e.g. http://captioner-serve-svc:8000): "
         "`captioner run` then calls its batch endpoint over HTTP and starts no Ray",
     )
 
@@ -277,7 +285,7 @@ class ReplicasConfig(_Section):
         return self.max_ongoing_requests or 2 * self.max_batch_size
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     address: str | None = Field(None, description="None starts Ray locally; 'auto' joins a cluster")
     num_cpus: int | None = None
     num_gpus: int | None = Field(None, description="local only; fake GPUs for CPU-only tests")
@@ -286,73 +294,24 @@ class RayConfig(_Section):
     temp_dir: Path | None = None
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     port: int = Field(9464, ge=0, le=65535, description="0 disables the /metrics endpoint")
     host: str = "127.0.0.1"
     health_port: int = Field(
-        0, ge=0, le=65535, description="/livez and /readyz from the poll loop's progress (workers/health.py); 0 disables"
+        0,
+        ge=0,
+        le=65535,
+        description="/livez and /readyz from the poll loop's progress (workers/health.py); 0 disables",
     )
-    max_poll_gap_s: float = Field(60.0, gt=0, description="not live when the poll loop has not come round for this long")
+    max_poll_gap_s: float = Field(
+        60.0, gt=0, description="not live when the poll loop has not come round for this long"
+    )
     max_stall_s: float = Field(
-        900.0, gt=0, description="not live when the commit watermark has not moved for this long with records open; "
+        900.0,
+        gt=0,
+        description="not live when the commit watermark has not moved for this long with records open; "
         "keep it above the ingest's inference retry budget",
     )
-
-
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
-class HttpConfig(_Section):
-    host: str = Field("127.0.0.1", description="the address the HTTP proxy binds (Serve's http_options.host)")
-    port: int = Field(8000, ge=0, le=65535)
-    route_prefix: str = "/"
-    auth: Literal["required", "disabled"] = Field(
-        "disabled", description="bearer tokens on /v1/*; 'disabled' only with a loopback host (local mode)"
-    )
-    # Secret: CAPTIONER_HTTP__AUTH_TOKENS (a JSON list or comma-separated) in the environment only.
-    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    auth_tokens_file: Path | None = Field(None, description="one token per line (a mounted Secret)")
-    allow_s3_references: bool = Field(False, description="JSON {\"image\": \"s3://…\"} bodies over HTTP")
-    max_concurrent_requests: int = Field(32, ge=1, description="per ingress replica; more get 429")
-    max_body_bytes_in_flight: int = Field(
-        128 * MB, ge=1, description="request bodies held at once per ingress replica; more get 429"
-    )
-
-    @field_validator("auth_tokens", mode="before")
-    @classmethod
-    def _token_list(cls, v: Any) -> Any:
-        if isinstance(v, str):  # from the environment: '["a","b"]' or 'a,b'
-            try:
-                v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
-            except ValueError:
-                raise ValueError("must be a JSON list of strings or comma-separated") from None
-            return [t.strip() for t in v if isinstance(t, str) and t.strip()] if isinstance(v, list) else v
-        return v
-
-    @field_validator("auth_tokens")
-    @classmethod
-    def _tokens_are_strong(cls, v: list[SecretStr]) -> list[SecretStr]:
-        if any(len(t.get_secret_value()) < 16 for t in v):
-            raise ValueError("each token must be at least 16 characters")
-        return v
-
-    def token_strings(self) -> list[str]:
-        """Every accepted bearer token: the environment's, then the mounted file's lines. The
-        inference tier checks them; an ingest pod sends the first (the tiers share the Secret)."""
-        tokens = [t.get_secret_value() for t in self.auth_tokens]
-        if self.auth_tokens_file is not None:
-            lines = Path(self.auth_tokens_file).read_text().splitlines()
-            tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        return tokens
-
-    @model_validator(mode="after")
-    def _auth_off_only_locally(self) -> HttpConfig:
-        if self.auth == "disabled" and self.host not in LOOPBACK_HOSTS:
-            raise ValueError(
-                f"auth 'disabled' is only allowed when http.host is a loopback address, not {self.host!r}: "
-                "set http.auth: required and give tokens (CAPTIONER_HTTP__AUTH_TOKENS or http.auth_tokens_file)"
-            )
-        return self
 
 
 class Settings(BaseSettings):
@@ -416,7 +375,8 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _YamlFileSource(settings_cls))
 
 
-_yaml_data: ContextVar[dict[str, Any]] = ContextVar("captioner_yaml_data", default={})
+# Read-only: load_settings sets a new dict per call, nothing mutates the default.
+_yaml_data: ContextVar[dict[str, Any]] = ContextVar("captioner_yaml_data", default={})  # noqa: B039
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -462,9 +422,17 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(source, [{"loc": (), "input": loaded, "msg": "top level must be a mapping"}])
         data = loaded
         if isinstance(data.get("http"), dict) and "auth_tokens" in data["http"]:
-            raise ConfigError(source, [{"loc": ("http", "auth_tokens"), "input": None,
-                                        "msg": "secrets come only from the environment "
-                                               "(CAPTIONER_HTTP__AUTH_TOKENS) or http.auth_tokens_file"}])
+            raise ConfigError(
+                source,
+                [
+                    {
+                        "loc": ("http", "auth_tokens"),
+                        "input": None,
+                        "msg": "secrets come only from the environment "
+                        "(CAPTIONER_HTTP__AUTH_TOKENS) or http.auth_tokens_file",
+                    }
+                ],
+            )
     token = _yaml_data.set(data)
     try:
         return Settings(**overrides)
@@ -472,4 +440,3 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(source, e.errors(include_url=False)) from None
     finally:
         _yaml_data.reset(token)
-

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, field
-from functools import cached_property
-from enum import StrEnum
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
 from typing import Any, TypeVar
 
 from pydantic import ValidationError

@@ -256,7 +256,9 @@ def _read_up_to(body: Any, limit: int, *, deadline: float) -> bytes:
     remaining = limit
     while remaining > 0:
         if time.monotonic() > deadline:
-            raise _Retryable(f"body not read within the fetch deadline ({len(b''.join(chunks))} bytes so far)", "deadline")
+            raise _Retryable(
+                f"body not read within the fetch deadline ({len(b''.join(chunks))} bytes so far)", "deadline"
+            )
         chunk = read(min(remaining, 1024 * 1024))
         if not chunk:
             break

@@ -29,8 +29,9 @@ from typing import Any
 
 
 class Health:
-    def __init__(self, *, max_poll_gap_s: float = 60.0, max_stall_s: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, *, max_poll_gap_s: float = 60.0, max_stall_s: float = 900.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.max_poll_gap_s = max_poll_gap_s
         self.max_stall_s = max_stall_s
         self._clock = clock
@@ -61,7 +62,9 @@ class Health:
         if since_poll is not None and since_poll > self.max_poll_gap_s:
             problems.append(f"no poll for {since_poll:.0f} s (max {self.max_poll_gap_s:.0f} s)")
         if stalled > self.max_stall_s:
-            problems.append(f"commit watermark stuck for {stalled:.0f} s with records open (max {self.max_stall_s:.0f} s)")
+            problems.append(
+                f"commit watermark stuck for {stalled:.0f} s with records open (max {self.max_stall_s:.0f} s)"
+            )
         return {
             "live": not problems,
             "ready": since_poll is not None and not problems,

@@ -21,12 +21,11 @@ DEAD_LETTERS = Counter("captioner_dead_letters_total", "Dead letters acknowledge
 IN_FLIGHT = Gauge("captioner_in_flight", "Records consumed but not yet acknowledged downstream")
 PAUSED = Gauge("captioner_source_paused", "1 while the source is paused by backpressure")
 BATCH_SIZE = Histogram(
-    "captioner_batch_size", "Images per generate call, as reported by the replicas",
+    "captioner_batch_size",
+    "Images per generate call, as reported by the replicas",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
-STAGE_LATENCY = Histogram(
-    "captioner_stage_seconds", "Time spent per stage", ["stage"], buckets=_LATENCY_BUCKETS
-)
+STAGE_LATENCY = Histogram("captioner_stage_seconds", "Time spent per stage", ["stage"], buckets=_LATENCY_BUCKETS)
 CACHE_HITS = Counter("captioner_cache_hits_total", "Captions answered from the cache")
 CACHE_MISSES = Counter("captioner_cache_misses_total", "Cache lookups that went to the model")
 COMMITS = Counter("captioner_commits_total", "Offset commits sent", ["result"])
@@ -62,9 +61,7 @@ LAST_POLL = Gauge(
 MEMORY_BUDGET_IN_USE = Gauge(
     "captioner_memory_budget_bytes_in_use", "Bytes of images being decoded, held from the memory budget"
 )
-HTTP_REJECTED = Counter(
-    "captioner_http_rejected_total", "HTTP requests refused before any work", ["reason"]
-)
+HTTP_REJECTED = Counter("captioner_http_rejected_total", "HTTP requests refused before any work", ["reason"])
 ENGINE_FALLBACKS = Counter(
     "captioner_engine_fallbacks_total",
     "Images the decoding engine handed to transformers' generate, by why (sampling, max_output_length, model)",

@@ -27,6 +27,7 @@ from workers.images import IMAGE_SUFFIXES, InputSize, Prepared
 from workers.s3 import is_s3_uri, join_uri, list_objects, make_s3_client, split_uri
 from workers.stages import Stages
 from workers.ui import untrained_banner
+
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
@@ -84,7 +85,12 @@ def run(settings: Settings, inputs: list[str], *, batch_size: int, output: Path 
     params = settings.generation
     rows: list[Row] = []
     progress = Progress(
-        TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("captioning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     )
     with progress:
         task = progress.add_task("captioning", total=len(items))

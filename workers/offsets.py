@@ -61,7 +61,9 @@ class OffsetTracker:
             if part is None:
                 part = self._parts[tp] = _Partition()
             elif offset <= part.highest:
-                log.warning("%s: offset %d is at or below %d already read; tracking starts over", tp, offset, part.highest)
+                log.warning(
+                    "%s: offset %d is at or below %d already read; tracking starts over", tp, offset, part.highest
+                )
                 part = self._parts[tp] = _Partition(committed=part.committed)
                 if self._on_reset is not None:
                     self._on_reset(tp)

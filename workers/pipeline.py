@@ -269,7 +269,12 @@ class Pipeline:
         d = job.delivery
         log.info("dead letter %s at %s: %s", error.code, d.source, error.message, extra=job.log_extra)
         return dead_letter(
-            error, value=d.value, key=d.key, headers=d.headers, source=d.source, request=job.request,
+            error,
+            value=d.value,
+            key=d.key,
+            headers=d.headers,
+            source=d.source,
+            request=job.request,
             attempts=job.attempts,
         )
 
@@ -319,15 +324,24 @@ class Pipeline:
         if waited < self.settings.worker.produce_deadline_s:
             delay = sending.next_delay()
             log.warning(
-                "outcome of %s not acknowledged (%s); re-sending in %.1f s", job.delivery.source, describe(error), delay,
+                "outcome of %s not acknowledged (%s); re-sending in %.1f s",
+                job.delivery.source,
+                describe(error),
+                delay,
                 extra=job.log_extra,
             )
-            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._submit, self._send, job, outcome, sending)
+            self._loop.call_soon_threadsafe(
+                self._loop.call_later, delay, self._submit, self._send, job, outcome, sending
+            )
             return
         log.error(
             "broker did not acknowledge the outcome of %s for %.0f s (worker.produce_deadline_s): %s; stopping, "
             "exit code %d: nothing past it is committed, so the next start delivers it again",
-            job.delivery.source, waited, describe(error), EXIT_BROKER_UNAVAILABLE, extra=job.log_extra,
+            job.delivery.source,
+            waited,
+            describe(error),
+            EXIT_BROKER_UNAVAILABLE,
+            extra=job.log_extra,
         )
         self.exit_code = EXIT_BROKER_UNAVAILABLE
         self.failed.set()

@@ -98,7 +98,7 @@ class ReplicaClient:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), max(remaining, 0)))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             self._spawn(self._call(batch))
 
@@ -141,7 +141,7 @@ class ReplicaClient:
         response = self.handle.caption_many.remote(items)
         try:
             return await asyncio.wait_for(_awaited(response), self.call_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             cancel = getattr(response, "cancel", None)
             if cancel is not None:
                 cancel()  # a Serve DeploymentResponse: stop the replica's work on it too

@@ -143,9 +143,7 @@ class CaptionReplica:
         return answers
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
-    async def _caption_batch(
-        self, calls: list[list[tuple[np.ndarray, GenerationParams]]]
-    ) -> list[list[ReplicaAnswer]]:
+    async def _caption_batch(self, calls: list[list[tuple[np.ndarray, GenerationParams]]]) -> list[list[ReplicaAnswer]]:
         items = [item for call in calls for item in call]
         self.batch_sizes.append(len(items))
         # Generation is CPU/GPU-bound; run it off the event loop so health checks stay answered.

@@ -273,9 +273,7 @@ def _demo(settings: Settings, files: list[Path], timeout_s: float, local_tier: L
         interrupted = threading.Event()
         on_stop_signals(interrupted.set)
         try:
-            outcomes = outcomes_by_id(
-                resolved.kafka, {p.name for p in files}, timeout_s=timeout_s, stop=interrupted
-            )
+            outcomes = outcomes_by_id(resolved.kafka, {p.name for p in files}, timeout_s=timeout_s, stop=interrupted)
         finally:
             pipeline.stop()
         model_record = pipeline.model_record

@@ -210,8 +210,9 @@ class KafkaSource:
         def on_commit(_offsets: object, response: object) -> None:
             if isinstance(response, BaseException):
                 metrics.COMMITS.labels("failed").inc()
-                log.warning("%s: commit on revoke failed (%s); records will be redelivered",
-                            self.name, type(response).__name__)
+                log.warning(
+                    "%s: commit on revoke failed (%s); records will be redelivered", self.name, type(response).__name__
+                )
             else:
                 metrics.COMMITS.labels("ok").inc()
 

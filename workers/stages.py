@@ -5,7 +5,8 @@ model-ready pixels through one `Stages` object, so a rule (the allow-list, a siz
 which error code a failure gets) is decided in one place:
 
     request = stages.parse(value, key=…, headers=…, source=…)    # Rejected(invalid_message)
-    fetched = stages.fetch(request.image, timings)                # Rejected(forbidden_reference, object_*, fetch_failed, access_denied)
+    fetched = stages.fetch(request.image, timings)                # Rejected(forbidden_reference, object_*,
+                                                                  #   fetch_failed, access_denied)
     prepared = stages.decode(fetched.data, timings)               # Rejected(invalid_image, image_too_large)
 
 Decoding holds the image's estimated peak memory from a process-wide `MemoryBudget`
@@ -122,4 +123,3 @@ def timed(stage: str, timings: dict[str, float] | None) -> Iterator[None]:
 
 def elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000
-

@@ -99,9 +99,7 @@ def _produce(settings: Settings, topic: str, requests: list[dict[str, str]]) -> 
 
     producer = KafkaProducer(**producer_kwargs(settings.kafka, settings.limits))
     try:
-        futures = [
-            producer.send(topic, value=contract.encode(r), key=r["id"].encode("utf-8")) for r in requests
-        ]
+        futures = [producer.send(topic, value=contract.encode(r), key=r["id"].encode("utf-8")) for r in requests]
         producer.flush(timeout=60)
         for future in futures:
             future.get(timeout=0)  # raises the delivery error, if any

@@ -37,7 +37,9 @@ def main(
     """Run one mode; with `report_dir`, also write its plots and `summary.md` there."""
     if mode not in MODES:
         raise ValueError(f"unknown bench mode {mode!r}: use one of {', '.join(MODES)}")
-    report = BenchReport(report_dir, cpu=str(cpu_features()), title=f"captioner bench --mode {mode}") if report_dir else None
+    report = (
+        BenchReport(report_dir, cpu=str(cpu_features()), title=f"captioner bench --mode {mode}") if report_dir else None
+    )
     batch_sizes = batch_sizes or [1, 4, 16]
     if mode == "model":
         from harness.bench.model import main as run_model

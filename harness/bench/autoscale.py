@@ -17,8 +17,15 @@ from workers.model.stand_in import LatencyProfile
 AUTOSCALE_PROFILE = LatencyProfile(200, 1)
 
 
-def autoscale(endpoint: str, base: Settings, *, max_replicas: int, callers: int, hold_s: float = 60,
-              profile: LatencyProfile = AUTOSCALE_PROFILE) -> list[tuple[float, int, bool]]:
+def autoscale(
+    endpoint: str,
+    base: Settings,
+    *,
+    max_replicas: int,
+    callers: int,
+    hold_s: float = 60,
+    profile: LatencyProfile = AUTOSCALE_PROFILE,
+) -> list[tuple[float, int, bool]]:
     """Deploy autoscaling stand-in replicas (min 1), keep `callers` back-to-back batch calls going
     until the count reaches `max_replicas` (or `hold_s`), then stop and watch it come back to 1.
     Returns (seconds, running replicas, load on) samples."""
@@ -28,8 +35,16 @@ def autoscale(endpoint: str, base: Settings, *, max_replicas: int, callers: int,
     from workers.replica_http import HttpReplicas
     from workers.replicas import DEPLOYMENT_NAME
 
-    auto = AutoscalingConfig(min_replicas=1, initial_replicas=1, max_replicas=max_replicas, target_ongoing_requests=1,
-                             upscale_delay_s=0.5, downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1)
+    auto = AutoscalingConfig(
+        min_replicas=1,
+        initial_replicas=1,
+        max_replicas=max_replicas,
+        target_ongoing_requests=1,
+        upscale_delay_s=0.5,
+        downscale_delay_s=2,
+        metrics_interval_s=0.5,
+        look_back_period_s=1,
+    )
     deploy_app(replica_settings(base, profile, 1, autoscaling=auto))
 
     def running() -> int:

@@ -66,8 +66,10 @@ def print_header(console: Console, title: str) -> None:
     try:
         import torch
 
-        console.print(f"torch {torch.__version__}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                      f"{torch.get_num_threads()} threads")
+        console.print(
+            f"torch {torch.__version__}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads"
+        )
     except ImportError:  # a TF-only environment
         pass
 

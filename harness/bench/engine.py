@@ -51,8 +51,12 @@ class Throughput:
 
 
 def run(
-    quick: bool = False, model_dir: Path | None = None, seed: int = 0, also: tuple[str, ...] = (),
-    rounds: int | None = None, report: BenchReport | None = None,
+    quick: bool = False,
+    model_dir: Path | None = None,
+    seed: int = 0,
+    also: tuple[str, ...] = (),
+    rounds: int | None = None,
+    report: BenchReport | None = None,
 ) -> float:
     """Run the benchmark, print it, return R. `also`: more precisions to time at batch 16 (e.g.
     bfloat16 on a CPU where `auto` is float32), reported beside, not in R. `rounds` of the batch-16
@@ -64,13 +68,19 @@ def run(
 
     print("captioner bench --mode engine" + (" --quick (tiny model, consistency only)" if quick else ""))
     print(f"CPU: {cpu_capabilities()}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     with tempfile.TemporaryDirectory(prefix="captioner-bench-engine-") as tmp:
         path = model_dir or _model_dir(quick, Path(tmp))
         model = VisionEncoderDecoderModel.from_pretrained(path).eval()
         auto = resolve("auto", torch.device("cpu")).name
-        print(f"model: {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, random weights); "
-              f"auto precision here: {auto}")
+        print(
+            f"model: {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+            "random weights); "
+            f"auto precision here: {auto}"
+        )
         return _run(model, quick, auto, seed, also, rounds, report)
 
 
@@ -144,18 +154,31 @@ def _run(
     same = sum(r.sequences[0] == reference[i, : len(r.sequences[0])].tolist() for i, r in enumerate(outputs["float32"]))
     print(f"fp32 engine tokens identical to generate's: {same}/{BATCH}")
     for precision in lower:
-        agree = sum(a.sequences == b.sequences for a, b in zip(outputs[precision], outputs["float32"]))
-        print(f"{precision} engine captions identical to fp32 engine's (random weights, near-ties common): {agree}/{BATCH}")
+        agree = sum(a.sequences == b.sequences for a, b in zip(outputs[precision], outputs["float32"], strict=False))
+        print(
+            f"{precision} engine captions identical to fp32 engine's "
+            f"(random weights, near-ties common): {agree}/{BATCH}"
+        )
 
     latency, raw_latencies = _latency(engine, model, quick, seed)
     if report is not None:
-        report.bars("engine-vs-generate", "Engine vs generate (beam 2, 16 tokens)",
-                    {t.label: t.images_per_s for t in results.values()}, "images/s")
-        report.latency_cdf("latency-cdf", raw_latencies, note="Poisson arrivals at 70% of capacity, mixed max_output_length")
+        report.bars(
+            "engine-vs-generate",
+            "Engine vs generate (beam 2, 16 tokens)",
+            {t.label: t.images_per_s for t in results.values()},
+            "images/s",
+        )
+        report.latency_cdf(
+            "latency-cdf", raw_latencies, note="Poisson arrivals at 70% of capacity, mixed max_output_length"
+        )
     base = results["generate float32"].images_per_s
     ratios = {
         "engine fp32 vs generate fp32": results["engine float32"].images_per_s / base,
-        **{f"engine {p} vs generate fp32 (not auto)": results[f"engine {p}"].images_per_s / base for p in lower if p != auto},
+        **{
+            f"engine {p} vs generate fp32 (not auto)": results[f"engine {p}"].images_per_s / base
+            for p in lower
+            if p != auto
+        },
         "engine vs generate": results[f"engine {auto}"].images_per_s / base,
         "p50 continuous / static": latency["continuous"][0] / latency["static"][0],
     }
@@ -165,7 +188,9 @@ def _run(
             continue
         goal = GOALS[name]
         ok = value <= goal if name.startswith("p50") else value >= goal
-        print(f"{name}: {value:.2f} (goal {'≤' if name.startswith('p50') else '≥'} {goal}: {'met' if ok else 'NOT met'})")
+        print(
+            f"{name}: {value:.2f} (goal {'≤' if name.startswith('p50') else '≥'} {goal}: {'met' if ok else 'NOT met'})"
+        )
     if quick:
         assert same == BATCH, f"fp32 engine differs from generate on {BATCH - same} images"
         assert all(t.seconds > 0 for t in results.values())
@@ -186,12 +211,18 @@ def _latency(engine, model, quick: bool, seed: int) -> tuple[dict[str, tuple[flo
     capacity = n / seconds
     rate = LOAD * capacity
     arrivals = np.cumsum(rng.exponential(1 / rate, size=n))
-    print(f"latency: {n} requests, max_output_length from {MIXED_LENGTHS}, capacity {capacity:.2f} img/s, "
-          f"Poisson arrivals at {rate:.2f}/s ({LOAD:.0%})")
+    print(
+        f"latency: {n} requests, max_output_length from {MIXED_LENGTHS}, capacity {capacity:.2f} img/s, "
+        f"Poisson arrivals at {rate:.2f}/s ({LOAD:.0%})"
+    )
     out = {}
     raw: dict[str, list[float]] = {}
     for policy in ("continuous", "static"):
-        latencies = _continuous(engine, pixels, params, arrivals) if policy == "continuous" else _static(engine, pixels, params, arrivals)
+        latencies = (
+            _continuous(engine, pixels, params, arrivals)
+            if policy == "continuous"
+            else _static(engine, pixels, params, arrivals)
+        )
         assert len(latencies) == n and all(v > 0 for v in latencies), f"{policy}: every request answered once"
         p50, p99 = float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
         out[policy] = (p50, p99)
@@ -201,7 +232,7 @@ def _latency(engine, model, quick: bool, seed: int) -> tuple[dict[str, tuple[flo
 
 
 def _drain(engine, pixels: torch.Tensor, params: list[GenerationParams]) -> None:
-    futures = [engine.submit(p, q) for p, q in zip(pixels, params)]
+    futures = [engine.submit(p, q) for p, q in zip(pixels, params, strict=False)]
     engine.run_until_idle()
     for f in futures:
         f.result()

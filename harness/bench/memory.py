@@ -46,7 +46,8 @@ def cpu_features() -> str:
     except OSError:
         pass
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{os.cpu_count()} CPUs, AMX {'yes' if 'amx_bf16' in flags else 'no'} ({' '.join(wanted) or 'none of avx2/avx512/amx'})"
+    amx = "yes" if "amx_bf16" in flags else "no"
+    return f"{os.cpu_count()} CPUs, AMX {amx} ({' '.join(wanted) or 'none of avx2/avx512/amx'})"
 
 
 def make_images(cache: Path = CACHE) -> dict[str, Path]:
@@ -58,7 +59,9 @@ def make_images(cache: Path = CACHE) -> dict[str, Path]:
     paths = {kind: cache / f"{kind}.{'jpg' if kind.startswith('jpeg') else 'png'}" for kind in KINDS}
     if all(p.exists() for p in paths.values()):
         return paths
-    photo = Image.open(REPO / "workers" / "samples" / "astronaut.jpg").convert("RGB").resize(SIZE, Image.Resampling.BICUBIC)
+    photo = (
+        Image.open(REPO / "workers" / "samples" / "astronaut.jpg").convert("RGB").resize(SIZE, Image.Resampling.BICUBIC)
+    )
     photo.save(paths["jpeg"], "JPEG", quality=90)
     photo.save(paths["jpeg-progressive"], "JPEG", quality=90, progressive=True)
     photo.save(paths["png-rgb"], "PNG", compress_level=1)
@@ -121,14 +124,28 @@ def measure(paths: dict[str, Path], requests: int, workers: int | None, budget_b
     }
 
 
-def _child(variant: str, paths: dict[str, Path], requests: int, workers: int | None, budget_bytes: int | None,
-           tree: Path | None) -> dict[str, Any]:
+def _child(
+    variant: str,
+    paths: dict[str, Path],
+    requests: int,
+    workers: int | None,
+    budget_bytes: int | None,
+    tree: Path | None,
+) -> dict[str, Any]:
     env = dict(os.environ, USE_TF="0")
     # Our harness module, with `workers` from the tree under test first.
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in ([tree] if tree else []) + [REPO]] + inherited)
-    args = [sys.executable, "-m", "harness.bench.memory", "measure", "--requests", str(requests),
-            "--paths", json.dumps({k: str(v) for k, v in paths.items()})]
+    args = [
+        sys.executable,
+        "-m",
+        "harness.bench.memory",
+        "measure",
+        "--requests",
+        str(requests),
+        "--paths",
+        json.dumps({k: str(v) for k, v in paths.items()}),
+    ]
     if workers:
         args += ["--workers", str(workers)]
     if budget_bytes is not None:
@@ -141,8 +158,9 @@ def _child(variant: str, paths: dict[str, Path], requests: int, workers: int | N
     return {"variant": variant, **json.loads(out.strip().splitlines()[-1])}
 
 
-def run(requests: int = 64, workers: int | None = None, budget_bytes: int | None = None,
-        before_tree: Path | None = None) -> list[dict[str, Any]]:
+def run(
+    requests: int = 64, workers: int | None = None, budget_bytes: int | None = None, before_tree: Path | None = None
+) -> list[dict[str, Any]]:
     """Measure every variant and print a table; returns the rows."""
     print(f"CPU: {cpu_features()}")
     paths = make_images()
@@ -153,13 +171,18 @@ def run(requests: int = 64, workers: int | None = None, budget_bytes: int | None
         variants.append(("before", None, before_tree))
     variants += [("unbudgeted", 1 << 50, None), ("budget", budget_bytes, None)]
     rows = [_child(name, paths, requests, workers, budget, tree) for name, budget, tree in variants]
-    print(f"{'variant':<11} {'requests':>8} {'pool':>4} {'RSS before':>11} {'peak RSS':>9} {'peak-before':>11} "
-          f"{'budget':>8} {'budget peak':>11} {'wall s':>7}")
+    print(
+        f"{'variant':<11} {'requests':>8} {'pool':>4} {'RSS before':>11} {'peak RSS':>9} {'peak-before':>11} "
+        f"{'budget':>8} {'budget peak':>11} {'wall s':>7}"
+    )
     for r in rows:
         budget = f"{r['budget_mb']:.0f} MB" if r["budget_mb"] and r["budget_mb"] < 2**29 else "-"
         budget_peak = f"{r['budget_peak_mb']:.0f} MB" if r["budget_peak_mb"] is not None else "-"
-        print(f"{r['variant']:<11} {r['requests']:>8} {r['pool']:>4} {r['rss_before_mb']:>8.0f} MB {r['peak_rss_mb']:>6.0f} MB "
-              f"{r['peak_above_before_mb']:>8.0f} MB {budget:>8} {budget_peak:>11} {r['wall_s']:>7.1f}")
+        print(
+            f"{r['variant']:<11} {r['requests']:>8} {r['pool']:>4} "
+            f"{r['rss_before_mb']:>8.0f} MB {r['peak_rss_mb']:>6.0f} MB "
+            f"{r['peak_above_before_mb']:>8.0f} MB {budget:>8} {budget_peak:>11} {r['wall_s']:>7.1f}"
+        )
     return rows
 
 

@@ -25,7 +25,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from harness.bench.report import BenchReport
 from harness.bench.common import (
     BENCH_PARAMS,
     SAMPLES,
@@ -33,6 +32,7 @@ from harness.bench.common import (
     print_header,
     ratio_line,
 )
+from harness.bench.report import BenchReport
 from workers.config import TINY_RANDOM, ModelConfig
 
 TARGET_RATIO = 2.5
@@ -124,7 +124,9 @@ def _run(
             start = time.perf_counter()
             case.run()
             case.times.append(time.perf_counter() - start)
-            console.print(f"  round {round_ + 1}: {case.backend} {case.how} batch {case.batch_size}: {case.times[-1]:.2f} s")
+            console.print(
+                f"  round {round_ + 1}: {case.backend} {case.how} batch {case.batch_size}: {case.times[-1]:.2f} s"
+            )
     measurements = []
     for case in cases:
         seconds = statistics.median(case.times)
@@ -157,7 +159,14 @@ def _naive_case(model_dir: Path, torch_model: object | None, files: list[Path]) 
         for f in files:
             captioner(str(f), generate_kwargs=kwargs)
 
-    return _Case("torch", "naive pipeline, 1 image/call", 1, len(files), loop, lambda: captioner(str(files[0]), generate_kwargs=kwargs))
+    return _Case(
+        "torch",
+        "naive pipeline, 1 image/call",
+        1,
+        len(files),
+        loop,
+        lambda: captioner(str(files[0]), generate_kwargs=kwargs),
+    )
 
 
 def _report(console: Console, measurements: list[Measurement], model: str, rounds: int) -> None:
@@ -169,7 +178,9 @@ def _report(console: Console, measurements: list[Measurement], model: str, round
     console.print(table)
     naive = next(m for m in measurements if m.how.startswith("naive"))
     for name in dict.fromkeys(m.backend for m in measurements if not m.how.startswith("naive")):
-        largest = max((m for m in measurements if m.backend == name and not m.how.startswith("naive")), key=lambda m: m.batch_size)
+        largest = max(
+            (m for m in measurements if m.backend == name and not m.how.startswith("naive")), key=lambda m: m.batch_size
+        )
         ratio = largest.images_per_s / naive.images_per_s
         console.print(ratio_line(f"{name}: batch {largest.batch_size} / naive pipeline", ratio, TARGET_RATIO))
     _report_tf_vs_torch(console, measurements)

@@ -78,7 +78,9 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _bare(model_dir: Path, backend: str, batch: int, images: list[bytes], rounds: int, console: Console) -> dict[str, float]:
+def _bare(
+    model_dir: Path, backend: str, batch: int, images: list[bytes], rounds: int, console: Console
+) -> dict[str, float]:
     from workers.images import prepare
     from workers.model.core import load_model
 
@@ -105,15 +107,17 @@ def _bare(model_dir: Path, backend: str, batch: int, images: list[bytes], rounds
     }
 
 
-def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], rounds: int, console: Console) -> dict[str, Any]:
+def _pipeline(
+    model_dir: Path, backend: str, batch: int, images: list[bytes], rounds: int, console: Console
+) -> dict[str, Any]:
     from kafka import KafkaConsumer, KafkaProducer
 
+    from deployment.local import local_inference_tier
     from workers.contract import encode
-    from workers.s3 import make_s3_client
     from workers.kafkaclient import client_kwargs, producer_kwargs
     from workers.pipeline import Pipeline
-    from deployment.local import local_inference_tier
     from workers.runner import running_system
+    from workers.s3 import make_s3_client
 
     console.print(f"[bold]pipeline[/]: embedded Kafka + S3 + Ray, 1 replica, max_batch_size {batch}")
     settings: Settings = load_settings(
@@ -135,9 +139,14 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
             s3.put_object(Bucket=bucket, Key=f"bench/{i}.png", Body=data)
             uris.append(f"s3://{bucket}/bench/{i}.png")
         producer = KafkaProducer(**producer_kwargs(kafka, resolved.limits))
-        consumer = KafkaConsumer(kafka.output_topic, kafka.dead_letter_topic, auto_offset_reset="earliest",
-                                 enable_auto_commit=False, fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-                                 **client_kwargs(kafka))
+        consumer = KafkaConsumer(
+            kafka.output_topic,
+            kafka.dead_letter_topic,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            **client_kwargs(kafka),
+        )
         pipeline = Pipeline(resolved, replicas).start()
         seen: dict[str, float] = {}
         stage_ms: dict[str, list[float]] = {}
@@ -194,16 +203,28 @@ def _pipeline(model_dir: Path, backend: str, batch: int, images: list[bytes], ro
     }
 
 
-def _report(console: Console, model: str, backend: str, batch: int, bare: dict[str, float], piped: dict[str, Any]) -> None:
+def _report(
+    console: Console, model: str, backend: str, batch: int, bare: dict[str, float], piped: dict[str, Any]
+) -> None:
     table = Table(title=f"pipeline vs bare model ({model}, {backend}, beam 2, 16 new tokens, batch {batch})")
     for col in ("", "bare model", "pipeline", "ratio / delta", "target"):
         table.add_column(col)
     ratio = piped["images_per_s"] / bare["images_per_s"]
     delta = piped["p50_ms"] - bare["batch1_latency_ms"]
-    table.add_row("images/s", f"{bare['images_per_s']:.2f}", f"{piped['images_per_s']:.2f}", f"{ratio:.2f}×",
-                  f"≥ {THROUGHPUT_TARGET}×")
-    table.add_row("latency p50 (light load)", f"{bare['batch1_latency_ms']:.0f} ms (batch 1)",
-                  f"{piped['p50_ms']:.0f} ms", f"{delta:+.0f} ms", f"≤ +{LATENCY_TARGET_MS:.0f} ms")
+    table.add_row(
+        "images/s",
+        f"{bare['images_per_s']:.2f}",
+        f"{piped['images_per_s']:.2f}",
+        f"{ratio:.2f}×",
+        f"≥ {THROUGHPUT_TARGET}×",
+    )
+    table.add_row(
+        "latency p50 (light load)",
+        f"{bare['batch1_latency_ms']:.0f} ms (batch 1)",
+        f"{piped['p50_ms']:.0f} ms",
+        f"{delta:+.0f} ms",
+        f"≤ +{LATENCY_TARGET_MS:.0f} ms",
+    )
     table.add_row("latency p95 (light load)", "", f"{piped['p95_ms']:.0f} ms", "", "")
     console.print(table)
     console.print(ratio_line("pipeline / bare model images/s", ratio, THROUGHPUT_TARGET))

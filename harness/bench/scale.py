@@ -56,7 +56,9 @@ PARTITIONS = 4
 PROFILE = LatencyProfile(3000, 4)
 # The quick form (CI) checks consistency, not speed: a short profile keeps it short.
 QUICK_PROFILE = LatencyProfile(300, 1)
-NOTE = "[bold yellow]stand-in model[/]: replicas sleep a fixed latency profile — this measures the plumbing, not the model"
+NOTE = (
+    "[bold yellow]stand-in model[/]: replicas sleep a fixed latency profile — this measures the plumbing, not the model"
+)
 
 
 @dataclass
@@ -159,10 +161,14 @@ def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
 
     frame = encode_batch([(p, params) for p in pixels])
     out = {
-        "raw uint8 frame (chosen)": (len(frame) / len(pixels),
-                                     timed(lambda: decode_batch(encode_batch([(p, params) for p in pixels])))),
-        "original JPEG bytes": (sum(map(len, originals)) / len(originals),
-                                timed(lambda: [prepare(b, size=size, max_pixels=50_000_000) for b in originals])),
+        "raw uint8 frame (chosen)": (
+            len(frame) / len(pixels),
+            timed(lambda: decode_batch(encode_batch([(p, params) for p in pixels]))),
+        ),
+        "original JPEG bytes": (
+            sum(map(len, originals)) / len(originals),
+            timed(lambda: [prepare(b, size=size, max_pixels=50_000_000) for b in originals]),
+        ),
     }
     buf = io.BytesIO()
     np.savez(buf, *pixels)
@@ -176,9 +182,15 @@ def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
 
     out["npz"] = (len(buf.getvalue()) / len(pixels), timed(npz_round))
     b64 = json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels])
-    out["base64 in JSON"] = (len(b64) / len(pixels), timed(
-        lambda: [np.frombuffer(base64.b64decode(s), np.uint8) for s in json.loads(
-            json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels]))]))
+    out["base64 in JSON"] = (
+        len(b64) / len(pixels),
+        timed(
+            lambda: [
+                np.frombuffer(base64.b64decode(s), np.uint8)
+                for s in json.loads(json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels]))
+            ]
+        ),
+    )
     return out
 
 
@@ -200,7 +212,9 @@ def _local_serve(proxy_url: str | None) -> Iterator[str]:
     # Ray starts its workers at nice 15 (RAY_worker_niceness), which would let the ingest
     # processes (nice 0) starve the proxy and the replicas on a small machine: level the field.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    start_ray(RayConfig(num_cpus=8, num_gpus=4, temp_dir=Path(tempfile.gettempdir()) / f"captioner-scale-{os.getpid()}"))
+    start_ray(
+        RayConfig(num_cpus=8, num_gpus=4, temp_dir=Path(tempfile.gettempdir()) / f"captioner-scale-{os.getpid()}")
+    )
     import ray
 
     port = free_port()
@@ -229,7 +243,10 @@ class Ingest:
         path.write_text(yaml.safe_dump(cfg))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "run", "--config", str(path)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
     def assigned(self) -> int:
@@ -262,11 +279,19 @@ def _ingest_settings(broker: Any, s3: Any, endpoint: str, **worker: Any) -> Sett
 
     tag = uuid.uuid4().hex[:8]
     return Settings(
-        kafka=KafkaConfig(bootstrap_servers=broker.bootstrap_servers, input_topic=f"scale-in-{tag}",
-                          output_topic=f"scale-out-{tag}", dead_letter_topic=f"scale-dlq-{tag}",
-                          group_id=f"scale-{tag}", session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                          commit_interval_s=0.5, poll_timeout_ms=100, create_topics=False,
-                          min_input_partitions=1),
+        kafka=KafkaConfig(
+            bootstrap_servers=broker.bootstrap_servers,
+            input_topic=f"scale-in-{tag}",
+            output_topic=f"scale-out-{tag}",
+            dead_letter_topic=f"scale-dlq-{tag}",
+            group_id=f"scale-{tag}",
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            commit_interval_s=0.5,
+            poll_timeout_ms=100,
+            create_topics=False,
+            min_input_partitions=1,
+        ),
         s3=s3.s3_config(allowed_buckets=["images"]),
         # While a call is in flight the ingest fills the next one for up to 0.2 s: against a
         # 1.5 s batch, a full call beats several small ones the replica cannot always merge.
@@ -275,8 +300,9 @@ def _ingest_settings(broker: Any, s3: Any, endpoint: str, **worker: Any) -> Sett
     )
 
 
-def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], count: int,
-           workdir: Path, console: Console) -> tuple[PhaseResult, list[Ingest]]:
+def _phase(
+    broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], count: int, workdir: Path, console: Console
+) -> tuple[PhaseResult, list[Ingest]]:
     from kafka import KafkaProducer
 
     from workers.contract import encode
@@ -287,12 +313,19 @@ def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], c
     kafka = settings.kafka
     ensure_topics(kafka, [kafka.input_topic], partitions=PARTITIONS)
     ensure_topics(kafka, [kafka.output_topic, kafka.dead_letter_topic])
-    env = {**os.environ, **s3.env(), "USE_TF": "0", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        **s3.env(),
+        "USE_TF": "0",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     members = [Ingest(settings, env, workdir) for _ in range(ingests)]
     try:
-        wait_until(lambda: [m.assigned() for m in members].count(0) == 0
-                   and sum(m.assigned() for m in members) == PARTITIONS,
-                   timeout_s=90, what=f"{ingests} ingest(s) holding {PARTITIONS} partitions")
+        wait_until(
+            lambda: [m.assigned() for m in members].count(0) == 0 and sum(m.assigned() for m in members) == PARTITIONS,
+            timeout_s=90,
+            what=f"{ingests} ingest(s) holding {PARTITIONS} partitions",
+        )
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         ids = [f"r{i}" for i in range(count)]
         busy0, total0 = _cpu_times()
@@ -312,8 +345,9 @@ def _phase(broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], c
             m.stop()
         raise
     once = sorted(seen) == sorted(ids)
-    result = PhaseResult(ingests, 0, count, end - start, (busy1 - busy0) / max(total1 - total0, 1), once, dead,
-                         ingest_cpu)
+    result = PhaseResult(
+        ingests, 0, count, end - start, (busy1 - busy0) / max(total1 - total0, 1), once, dead, ingest_cpu
+    )
     return result, members
 
 
@@ -321,9 +355,15 @@ def _collect(kafka: Any, ids: set[str], timeout_s: float = 300) -> tuple[list[st
     """Every outcome's id (duplicates kept), the dead-letter count, and when the last one came."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(kafka.output_topic, kafka.dead_letter_topic, bootstrap_servers=kafka.bootstrap_servers,
-                             auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
-                             fetch_max_wait_ms=50)
+    consumer = KafkaConsumer(
+        kafka.output_topic,
+        kafka.dead_letter_topic,
+        bootstrap_servers=kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=50,
+    )
     seen: list[str] = []
     dead = 0
     last = time.perf_counter()
@@ -361,8 +401,14 @@ def _upload_small_images(s3: Any, count: int = 64) -> list[str]:
 # -- the benchmark -----------------------------------------------------------------------------
 
 
-def run(quick: bool = False, console: Console | None = None, *, broker: Any = None, s3: Any = None,
-        proxy_url: str | None = None) -> ScaleReport:
+def run(
+    quick: bool = False,
+    console: Console | None = None,
+    *,
+    broker: Any = None,
+    s3: Any = None,
+    proxy_url: str | None = None,
+) -> ScaleReport:
     """The whole benchmark (quick: 1x1 and 2x2, few images, no parts 2 and 3). Pass running
     servers (tests) or let it start its own embedded broker, S3 server and local Ray."""
     from workers.embedded import Broker, S3Server
@@ -370,11 +416,15 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
     console = console or Console()
     report = ScaleReport()
     profile = QUICK_PROFILE if quick else PROFILE
-    console.print(f"[bold]bench scale[/] on {cpu_line()}; load average {os.getloadavg()[0]:.1f} "
-                  "(machine CPU below includes anything else running here)")
+    console.print(
+        f"[bold]bench scale[/] on {cpu_line()}; load average {os.getloadavg()[0]:.1f} "
+        "(machine CPU below includes anything else running here)"
+    )
     console.print(NOTE)
-    console.print(f"profile {profile.source}: {profile.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
-                  f"{BATCH * 1000 / profile.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions")
+    console.print(
+        f"profile {profile.source}: {profile.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
+        f"{BATCH * 1000 / profile.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions"
+    )
     report.wire = wire_costs()
     for name, (size, ms) in report.wire.items():
         console.print(f"  wire {name:26s} {size / 1000:8.1f} kB/image  {ms:6.2f} ms CPU/image")
@@ -387,7 +437,7 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
         uris = _upload_small_images(s3)
         base = Settings(s3=s3.s3_config(allowed_buckets=["images"]), metrics={"port": 0})
         per = 32 if quick else 160
-        for n in ([1, 2] if quick else [1, 2, 4]):
+        for n in [1, 2] if quick else [1, 2, 4]:
             deploy_app(replica_settings(base, profile, n))
             result, members = _phase(broker, s3, endpoint, n, uris, per * n, workdir, console)
             result.replicas = n
@@ -395,10 +445,12 @@ def run(quick: bool = False, console: Console | None = None, *, broker: Any = No
                 m.stop()
             sizes = _replica_batch_sizes()
             report.phases.append(result)
-            console.print(f"  {n}x{n}: {result.images} images in {result.seconds:5.1f} s = {result.rate:6.1f} img/s, "
-                          f"machine CPU {result.cpu_busy:4.0%} (ingest {result.ingest_cpu_s * 1000 / result.images:.1f} "
-                          f"ms/img), mean batch {np.mean(sizes):.1f} (one replica's), answered once: "
-                          f"{result.answered_once}, dead letters: {result.dead_letters}")
+            console.print(
+                f"  {n}x{n}: {result.images} images in {result.seconds:5.1f} s = {result.rate:6.1f} img/s, "
+                f"machine CPU {result.cpu_busy:4.0%} (ingest {result.ingest_cpu_s * 1000 / result.images:.1f} "
+                f"ms/img), mean batch {np.mean(sizes):.1f} (one replica's), answered once: "
+                f"{result.answered_once}, dead letters: {result.dead_letters}"
+            )
         if not quick:
             report.ingest_pod = _ingest_pod(broker, s3, endpoint, base, workdir, console)
             console.print("[bold]Serve autoscaling[/] (stand-in 200+1, target 1 call per replica, max 4):")
@@ -420,7 +472,9 @@ def _replica_batch_sizes() -> list[int]:
     return handle.stats.remote().result()["batch_sizes"] or [0]
 
 
-def _ingest_pod(broker: Any, s3: Any, endpoint: str, base: Settings, workdir: Path, console: Console) -> dict[str, float]:
+def _ingest_pod(
+    broker: Any, s3: Any, endpoint: str, base: Settings, workdir: Path, console: Console
+) -> dict[str, float]:
     """One ingest process, sample photographs, a zero-latency stand-in on 4 replicas: the
     ingest's own ceiling (img/s) and its CPU per image."""
     client = s3.client()
@@ -432,13 +486,14 @@ def _ingest_pod(broker: Any, s3: Any, endpoint: str, base: Settings, workdir: Pa
     result, members = _phase(broker, s3, endpoint, 1, uris, 600, workdir, console)
     for m in members:
         m.stop()
-    figures = {"img_s": result.rate, "cpu_ms_per_image": result.ingest_cpu_s * 1000 / result.images,
-               "machine_cpu": result.cpu_busy}
-    console.print(f"ingest pod (1 process, sample photos ~640x480 JPEG, zero-latency stand-in): "
-                  f"{figures['img_s']:.0f} img/s, {figures['cpu_ms_per_image']:.1f} ms of ingest CPU per image, "
-                  f"machine CPU {result.cpu_busy:.0%}, answered once: {result.answered_once}")
+    figures = {
+        "img_s": result.rate,
+        "cpu_ms_per_image": result.ingest_cpu_s * 1000 / result.images,
+        "machine_cpu": result.cpu_busy,
+    }
+    console.print(
+        f"ingest pod (1 process, sample photos ~640x480 JPEG, zero-latency stand-in): "
+        f"{figures['img_s']:.0f} img/s, {figures['cpu_ms_per_image']:.1f} ms of ingest CPU per image, "
+        f"machine CPU {result.cpu_busy:.0%}, answered once: {result.answered_once}"
+    )
     return figures
-
-
-if __name__ == "__main__":  # `python -m harness.bench.scale [--quick]` until the CLI wires --mode scale
-    run(quick="--quick" in sys.argv)

@@ -22,8 +22,11 @@ def deploy_app(settings: Settings) -> None:
 
 
 def replica_settings(base: Settings, profile: LatencyProfile, replicas: int, **extra: Any) -> Settings:
-    return base.model_copy(update={
-        "model": ModelConfig(source=profile.source),
-        "replicas": ReplicasConfig(num_replicas=replicas, num_gpus=1, num_cpus=0, max_batch_size=BATCH,
-                                   batch_wait_timeout_s=0.01, **extra),
-    })
+    return base.model_copy(
+        update={
+            "model": ModelConfig(source=profile.source),
+            "replicas": ReplicasConfig(
+                num_replicas=replicas, num_gpus=1, num_cpus=0, max_batch_size=BATCH, batch_wait_timeout_s=0.01, **extra
+            ),
+        }
+    )

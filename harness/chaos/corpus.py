@@ -209,9 +209,22 @@ def build_corpus(opts: ChaosOptions, limits: LimitsConfig, run_id: str) -> Corpu
 
 # Poison whose JSON body is an object with `image`: the id can ride inside it too.
 _ID_IN_BODY = {
-    "huge_value", "http_reference", "file_reference", "metadata_service", "bucket_not_allowed", "key_escape",
-    "missing_key", "object_too_large", "truncated_jpeg", "random_bytes", "text_file", "decompression_bomb",
-    "100_megapixels", "non_utf8_header_key", "oversized_key", "oversized_headers",
+    "huge_value",
+    "http_reference",
+    "file_reference",
+    "metadata_service",
+    "bucket_not_allowed",
+    "key_escape",
+    "missing_key",
+    "object_too_large",
+    "truncated_jpeg",
+    "random_bytes",
+    "text_file",
+    "decompression_bomb",
+    "100_megapixels",
+    "non_utf8_header_key",
+    "oversized_key",
+    "oversized_headers",
 }
 
 

@@ -86,9 +86,7 @@ def tmp_root() -> Path:
     return root
 
 
-def chaos_settings(
-    opts: ChaosOptions, *, bootstrap: str, s3_endpoint: str, run_id: str, kafka_secret: str
-) -> Settings:
+def chaos_settings(opts: ChaosOptions, *, bootstrap: str, s3_endpoint: str, run_id: str, kafka_secret: str) -> Settings:
     return Settings(
         model=ModelConfig(source="tiny-random", cache_dir=REPO / ".tmp" / "models", torch_threads=1),
         kafka=KafkaConfig(

@@ -89,9 +89,7 @@ class ChaosProxy:
         self.before_forward: Callable[[str, str], None] | None = None
         # Called with (method, path, response headers) to rewrite them (tests use it to make a
         # HEAD understate an object's size; request headers cannot change: SigV4 signs them).
-        self.rewrite_response_headers: (
-            Callable[[str, str, list[tuple[str, str]]], list[tuple[str, str]]] | None
-        ) = None
+        self.rewrite_response_headers: Callable[[str, str, list[tuple[str, str]]], list[tuple[str, str]]] | None = None
         proxy = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -141,7 +139,9 @@ class ChaosProxy:
             self._state.seen.clear()
 
     def start(self) -> ChaosProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="chaos-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="chaos-proxy", daemon=True
+        )
         self._thread.start()
         return self
 

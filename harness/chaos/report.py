@@ -199,11 +199,13 @@ def evaluate(state: RunState, seen: Observations) -> ChaosReport:
             f"{len(poison_kinds - kinds_with_wrong)}/{len(poison_kinds)} kinds right",
         ),
         Check(
-            "awkward and near-limit images captioned", m.captioned_awkward == awkward,
+            "awkward and near-limit images captioned",
+            m.captioned_awkward == awkward,
             ", ".join(sorted(m.captioned_awkward)),
         ),
         Check(
-            "null-valued headers dropped, the others copied", not header_problems,
+            "null-valued headers dropped, the others copied",
+            not header_problems,
             "; ".join(header_problems[:5]) or f"{sum(c.expect_headers is not None for c in cases)} checked",
         ),
         Check(
@@ -322,13 +324,21 @@ def print_report(report: ChaosReport) -> None:
         ("lost", report.lost),
         ("duplicates", f"{report.duplicates} (bound {report.duplicate_bound})"),
         ("inference retries", f"{report.inference_retries} (captioner_inference_retries_total, all workers)"),
-        ("retries by fault", "; ".join(
-            f"{fault}: " + ", ".join(f"{k}={v}" for k, v in counts.items()) for fault, counts in report.retries_by_fault.items()
-        )),
-        ("worker counters", "; ".join(
-            f"{name}: " + ", ".join(f"{k.removeprefix('captioner_').removesuffix('_total')}={v:g}" for k, v in c.items())
-            for name, c in report.worker_metrics.items()
-        )),
+        (
+            "retries by fault",
+            "; ".join(
+                f"{fault}: " + ", ".join(f"{k}={v}" for k, v in counts.items())
+                for fault, counts in report.retries_by_fault.items()
+            ),
+        ),
+        (
+            "worker counters",
+            "; ".join(
+                f"{name}: "
+                + ", ".join(f"{k.removeprefix('captioner_').removesuffix('_total')}={v:g}" for k, v in c.items())
+                for name, c in report.worker_metrics.items()
+            ),
+        ),
         ("peak RSS (MB)", ", ".join(f"{k}={v}" for k, v in report.peak_rss_mb.items())),
         ("secret scan", ", ".join(f"{k}={v}" for k, v in report.secrets_scanned.items())),
         ("settings", ", ".join(f"{k}={v}" for k, v in report.settings_raised.items())),
@@ -347,4 +357,3 @@ def write_report(report: ChaosReport, path: Path) -> None:
 
 def command_line(argv: list[str] | None = None) -> str:
     return "captioner " + shlex.join((argv if argv is not None else sys.argv)[1:])
-

@@ -114,7 +114,11 @@ def _start(
     corpus = build_corpus(opts, settings.limits, run_id)
     client = s3.client()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda item: client.put_object(Bucket=item[0][0], Key=item[0][1], Body=item[1]), corpus.objects.items()))
+        list(
+            pool.map(
+                lambda item: client.put_object(Bucket=item[0][0], Key=item[0][1], Body=item[1]), corpus.objects.items()
+            )
+        )
     log.info("chaos %s: %d requests, %d objects uploaded", run_id, len(corpus.cases), len(corpus.objects))
 
     app_name = f"chaos-{run_id}"
@@ -129,7 +133,10 @@ def _start(
     data = settings.model_dump(mode="json")
     data["kafka"].pop("sasl_password")  # the workers read it from the environment
     settings_path.write_text(json.dumps(data))
-    child_env = {**os.environ, **{k: v for k, v in s3.env().items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
+    child_env = {
+        **os.environ,
+        **{k: v for k, v in s3.env().items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+    }
     child_env.pop("AWS_ENDPOINT_URL", None)  # fetches go to the proxy named in the settings
 
     progress = CommitProgress(settings, opts.partitions)
@@ -179,7 +186,7 @@ def _inject_faults(state: RunState) -> None:
                 proxy.set_plan(second_half)
                 half_flipped = True
             wait_until(
-                lambda: progressed(fault.at), timeout_s=state.remaining_s(), interval_s=0.1,
+                lambda at=fault.at: progressed(at), timeout_s=state.remaining_s(), interval_s=0.1,
                 what=f"{fault.at:.0%} of outcomes before {fault.kind}",
             )  # fmt: skip
             log.info("chaos: injecting %s at %d/%d committed", fault.kind, state.progress.done(), state.total)
@@ -229,7 +236,9 @@ def _wait_for_whole_replica_set(state: RunState) -> None:
 def _drain_during_rebalance(state: RunState) -> None:
     """A replacement joins the group and, as its join starts the rebalance, a live worker is sent
     SIGTERM: it drains (keeps polling, so it takes part in the rebalance) and must exit 0."""
-    live = [w for w in state.workers if w.exit_code() is None and not w.killed and not w.drained and w.ready_path.exists()]
+    live = [
+        w for w in state.workers if w.exit_code() is None and not w.killed and not w.drained and w.ready_path.exists()
+    ]
     victim = state.rng.choice(live)
     replacement = state.spawn_worker()
     replacement.wait_ready(timeout_s=state.remaining_s())  # subscribed: its join is under way

@@ -53,7 +53,9 @@ class Feeder(threading.Thread):
 
         kafka = self.settings.kafka
         producer = KafkaProducer(**producer_kwargs(kafka, self.settings.limits))
-        self._nullable = _NullableHeaderProducer(kafka.bootstrap_servers) if any(c.null_headers for c in self.cases) else None
+        self._nullable = (
+            _NullableHeaderProducer(kafka.bootstrap_servers) if any(c.null_headers for c in self.cases) else None
+        )
         try:
             chunk = 25
             for start in range(0, len(self.cases), chunk):

@@ -74,8 +74,13 @@ class FakeTier:
         self._runner = None
 
     async def _info(self, _request: web.Request) -> web.Response:
-        info = ReplicaInfo(model={"name": "fake-tier", "backend": "none", "untrained": True},
-                           height=SIZE, width=SIZE, resample=2, device="cpu")
+        info = ReplicaInfo(
+            model={"name": "fake-tier", "backend": "none", "untrained": True},
+            height=SIZE,
+            width=SIZE,
+            resample=2,
+            device="cpu",
+        )
         return web.json_response(encode_info(info))
 
     async def _batch(self, request: web.Request) -> web.Response:

@@ -119,6 +119,7 @@ def gray16_png() -> tuple[bytes, Image.Image]:
 
 def animated_gif() -> tuple[bytes, Image.Image]:
     """Two frames of 4 flat colours each (no palette loss); the first frame is the truth."""
+
     def frame(colours: list[tuple[int, int, int]]) -> np.ndarray:
         out = np.zeros((32, 32, 3), np.uint8)
         for i, colour in enumerate(colours):
@@ -145,6 +146,7 @@ EDGE_CASES: dict[str, Callable[[], tuple[bytes, Image.Image]]] = {
 
 def png_header_only(width: int, height: int) -> bytes:
     """A few-hundred-byte PNG whose header declares width×height (a decompression bomb)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 

@@ -166,8 +166,9 @@ class Broker:
         self.kill() if kill else self.stop()
         # SO_REUSEADDR as the broker itself binds: sockets its clients left in TIME_WAIT after a
         # kill must not make the port look taken.
-        wait_until(lambda: port_is_free(self.port or 0, reuse=True), timeout_s=10,
-                   what=f"port {self.port} to be released")
+        wait_until(
+            lambda: port_is_free(self.port or 0, reuse=True), timeout_s=10, what=f"port {self.port} to be released"
+        )
         return self.start()
 
     def close(self) -> None:

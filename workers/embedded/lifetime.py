@@ -106,4 +106,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive, and not ours to judge
         return True
     return True
-

@@ -18,8 +18,8 @@ from workers.config import ModelConfig, S3Config
 from workers.model.backend import Backend
 from workers.model.loading import resolve_model_dir
 from workers.model.outputs import CaptionOutput, ModelInfo
-from workers.params import GenerationParams
 from workers.model.preprocess import PreprocessSpec, normalize, spec_from_dir
+from workers.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def load_model(cfg: ModelConfig, s3_cfg: S3Config | None = None, device: str | N
     if resolved.untrained:
         log.warning(
             "model %s has UNTRAINED random weights (%s): its captions are meaningless",
-            resolved.name, resolved.path,
+            resolved.name,
+            resolved.path,
         )
     log.info("loaded %s (%s on %s) from %s", resolved.name, backend.name, backend.device, resolved.path)
     return CaptionModel(backend, tokenizer, spec, info)

@@ -128,7 +128,9 @@ def hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
     except LocalEntryNotFoundError:
         pass
     except Exception as e:  # an invalid repo id, a broken cache
-        raise ModelSourceError(f"model source {repo_id!r} is neither a local directory nor a hub id ({e}). {hint}") from None
+        raise ModelSourceError(
+            f"model source {repo_id!r} is neither a local directory nor a hub id ({e}). {hint}"
+        ) from None
     try:
         return Path(
             snapshot_download(
@@ -280,9 +282,14 @@ def build_random_model(
 
     _word_tokenizer(words).save_pretrained(path)
     ViTImageProcessor(
-        do_resize=True, size={"height": image_size, "width": image_size}, resample=2,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=2,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(path)
     (path / UNTRAINED_MARKER).write_text(
         json.dumps(

@@ -47,7 +47,9 @@ def parse_profile(source: str) -> LatencyProfile:
         return LatencyProfile(0.0, 0.0)
     m = _PROFILE.fullmatch(source)
     if not m:
-        raise ValueError(f"model.source {source!r}: a stand-in is 'stand-in:FIXED_MS+PER_IMAGE_MS', e.g. 'stand-in:400+1'")
+        raise ValueError(
+            f"model.source {source!r}: a stand-in is 'stand-in:FIXED_MS+PER_IMAGE_MS', e.g. 'stand-in:400+1'"
+        )
     return LatencyProfile(float(m.group(1)), float(m.group(2)))
 
 

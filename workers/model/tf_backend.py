@@ -40,15 +40,15 @@ from typing import Any
 import numpy as np
 
 from workers.model.backend import Generated
-from workers.params import GenerationParams
 from workers.model.tf_decode import SearchResult, SearchSettings, resolve_settings, run_search
 from workers.model.tf_weights import (
     TF_LM_HEAD_NAME,
     decoder_ties_embeddings,
+    ensure_tf_weights,
     pytorch_weights,
     untied_lm_head,
-    ensure_tf_weights,
 )
+from workers.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,23 @@ class CompiledCaptioner:
         self._act = gpt2.h[0].mlp.act
         self._layers = [
             _DecoderLayer(
-                ln_1=b.ln_1, attn_w=b.attn.c_attn.weight, attn_b=b.attn.c_attn.bias,
-                attn_proj_w=b.attn.c_proj.weight, attn_proj_b=b.attn.c_proj.bias,
-                ln_cross=b.ln_cross_attn, cross_q_w=b.crossattention.q_attn.weight,
-                cross_q_b=b.crossattention.q_attn.bias, cross_kv_w=b.crossattention.c_attn.weight,
-                cross_kv_b=b.crossattention.c_attn.bias, cross_proj_w=b.crossattention.c_proj.weight,
-                cross_proj_b=b.crossattention.c_proj.bias, ln_2=b.ln_2, fc_w=b.mlp.c_fc.weight,
-                fc_b=b.mlp.c_fc.bias, mlp_proj_w=b.mlp.c_proj.weight, mlp_proj_b=b.mlp.c_proj.bias,
+                ln_1=b.ln_1,
+                attn_w=b.attn.c_attn.weight,
+                attn_b=b.attn.c_attn.bias,
+                attn_proj_w=b.attn.c_proj.weight,
+                attn_proj_b=b.attn.c_proj.bias,
+                ln_cross=b.ln_cross_attn,
+                cross_q_w=b.crossattention.q_attn.weight,
+                cross_q_b=b.crossattention.q_attn.bias,
+                cross_kv_w=b.crossattention.c_attn.weight,
+                cross_kv_b=b.crossattention.c_attn.bias,
+                cross_proj_w=b.crossattention.c_proj.weight,
+                cross_proj_b=b.crossattention.c_proj.bias,
+                ln_2=b.ln_2,
+                fc_w=b.mlp.c_fc.weight,
+                fc_b=b.mlp.c_fc.bias,
+                mlp_proj_w=b.mlp.c_proj.weight,
+                mlp_proj_b=b.mlp.c_proj.bias,
             )
             for b in gpt2.h
         ]
@@ -273,7 +283,10 @@ class _Session:
                 tf.constant(tokens.astype(np.int32)),
                 tf.constant(self._position, tf.int32),
                 tf.constant(parents.astype(np.int32)),
-                self._keys, self._values, self._cross_keys, self._cross_values,
+                self._keys,
+                self._values,
+                self._cross_keys,
+                self._cross_values,
             )
         self._position += 1
         return logits.numpy()
@@ -351,8 +364,14 @@ class TFBackend:
             generation_config = GenerationConfig.from_model_config(model.config)
         warm = [b for b in BATCH_BUCKETS if b <= max_warm_batch]
         return cls(
-            model, path, tf_device, lm_head, generation_config,
-            jit_compile=jit_compile, warm_batches=warm, warm_params=warm_params,
+            model,
+            path,
+            tf_device,
+            lm_head,
+            generation_config,
+            jit_compile=jit_compile,
+            warm_batches=warm,
+            warm_params=warm_params,
         )
 
     # -- the Backend API
@@ -368,7 +387,10 @@ class TFBackend:
             return Generated(sequences=np.zeros((0, 1), np.int64), scores=None)
         width = max(p.sequences.shape[1] for p in parts)
         sequences = np.concatenate(
-            [np.pad(p.sequences, ((0, 0), (0, width - p.sequences.shape[1])), constant_values=settings.fill_token_id) for p in parts]
+            [
+                np.pad(p.sequences, ((0, 0), (0, width - p.sequences.shape[1])), constant_values=settings.fill_token_id)
+                for p in parts
+            ]
         )
         scores = None if parts[0].scores is None else np.concatenate([p.scores for p in parts]).astype(np.float32)
         return Generated(sequences=sequences.astype(np.int64), scores=scores)

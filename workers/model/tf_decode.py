@@ -195,7 +195,8 @@ def _apply_processors(s: SearchSettings, input_ids: np.ndarray, scores: np.ndarr
         scores = scores.copy()
         for row, ids in enumerate(input_ids.tolist()):
             prefix = tuple(ids[cur_len + 1 - n : cur_len])
-            banned = [ngram[-1] for ngram in zip(*[ids[i:] for i in range(n)]) if tuple(ngram[:-1]) == prefix]
+            ngrams = zip(*[ids[i:] for i in range(n)], strict=False)
+            banned = [ngram[-1] for ngram in ngrams if tuple(ngram[:-1]) == prefix]
             if banned:
                 scores[row, banned] = -np.inf
     if s.eos_token_ids and (cur_len < s.min_length or cur_len - 1 < s.min_new_tokens):
@@ -332,9 +333,7 @@ def beam_search(session: DecoderSession, s: SearchSettings, active: np.ndarray) 
         if rng is not None:
             probs = _softmax(log_probs).astype(np.float64)
             probs /= probs.sum(axis=-1, keepdims=True)
-            topk_indices = np.stack(
-                [rng.choice(beams * vocab, size=beams_to_keep, replace=False, p=p) for p in probs]
-            )
+            topk_indices = np.stack([rng.choice(beams * vocab, size=beams_to_keep, replace=False, p=p) for p in probs])
         else:
             topk_indices = _topk_indices(log_probs, beams_to_keep)
         topk_log_probs = np.take_along_axis(log_probs, topk_indices, axis=1)
@@ -417,4 +416,3 @@ def run_search(session: DecoderSession, s: SearchSettings, active: np.ndarray) -
     if s.num_beams > 1:
         return beam_search(session, s, active)
     return greedy_or_sample(session, s, active)
-

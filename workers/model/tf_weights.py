@@ -66,8 +66,7 @@ def pytorch_weights(model_dir: Path) -> Path:
         if (model_dir / name).is_file():
             return model_dir / name
     raise FileNotFoundError(
-        f"{model_dir} has neither {TF_WEIGHTS_NAME} nor single-file PyTorch weights "
-        f"({SAFETENSORS_NAME}, {PT_BIN_NAME})"
+        f"{model_dir} has neither {TF_WEIGHTS_NAME} nor single-file PyTorch weights ({SAFETENSORS_NAME}, {PT_BIN_NAME})"
     )
 
 
@@ -88,11 +87,17 @@ def _convert_pytorch_weights(model_dir: Path, source: Path, target: Path) -> Non
         model.build_in_name_scope()
         # As TFPreTrainedModel.from_pretrained does for PyTorch safetensors.
         _, info = load_pytorch_state_dict_in_tf2_model(
-            model, state, tf_inputs=False, allow_missing_keys=True, output_loading_info=True,
+            model,
+            state,
+            tf_inputs=False,
+            allow_missing_keys=True,
+            output_loading_info=True,
             tf_to_pt_weight_rename=model.tf_to_pt_weight_rename,
         )
         if info["missing_keys"] or info["mismatched_keys"]:
-            raise RuntimeError(f"converting {source}: missing {info['missing_keys']}, mismatched {info['mismatched_keys']}")
+            raise RuntimeError(
+                f"converting {source}: missing {info['missing_keys']}, mismatched {info['mismatched_keys']}"
+            )
     else:
         model = TFVisionEncoderDecoderModel.from_pretrained(model_dir, from_pt=True)  # imports torch
         state = None
@@ -138,5 +143,3 @@ def untied_lm_head(model_dir: Path, state: dict[str, np.ndarray] | None, source:
     import torch  # only for a pytorch_model.bin source
 
     return torch.load(source, map_location="cpu", weights_only=True)[name].float().numpy()
-
-

@@ -82,7 +82,8 @@ def original_request(letter: DeadLetter) -> bytes:
     if body.get("request_truncated"):
         size = body.get("request_bytes")
         raise NotReplayable(
-            f"the echo was truncated ({size} bytes cut to the contract's 64 KiB); sending part of it would be a different request"
+            f"the echo was truncated ({size} bytes cut to the contract's 64 KiB); "
+            "sending part of it would be a different request"
         )
     if "request" not in body:
         raise NotReplayable("the dead letter has no 'request' field")

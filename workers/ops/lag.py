@@ -120,15 +120,22 @@ def lag_table(group: str, rows: list[PartitionLag]) -> Table:
         table.add_column(name, justify="left" if name == "topic" else "right")
     for r in rows:
         rate = "" if r.rate is None else f"{r.rate:+.1f}"
-        table.add_row(r.topic, str(r.partition), "-" if r.committed is None else str(r.committed),
-                      f"{r.end}{' !' if r.end_below_committed else ''}", str(r.lag), rate)
+        table.add_row(
+            r.topic,
+            str(r.partition),
+            "-" if r.committed is None else str(r.committed),
+            f"{r.end}{' !' if r.end_below_committed else ''}",
+            str(r.lag),
+            rate,
+        )
     if any(r.end_below_committed for r in rows):
         table.caption = "! end < committed: the broker's end offset is wrong (Tansu, batching producer)"
     if rows:
         total_rate = None if any(r.rate is None for r in rows) else sum(r.rate or 0.0 for r in rows)
         table.add_section()
-        table.add_row("total", "", "", "", str(sum(r.lag for r in rows)),
-                      "" if total_rate is None else f"{total_rate:+.1f}")
+        table.add_row(
+            "total", "", "", "", str(sum(r.lag for r in rows)), "" if total_rate is None else f"{total_rate:+.1f}"
+        )
     return table
 
 

@@ -95,12 +95,20 @@ class ReplaySummary:
 
 
 def _letter(record: ConsumerRecord) -> DeadLetter:
-    return DeadLetter(record.topic, record.partition, record.offset, record.timestamp, record.key,
-                      list(record.headers or []), record.value)
+    return DeadLetter(
+        record.topic,
+        record.partition,
+        record.offset,
+        record.timestamp,
+        record.key,
+        list(record.headers or []),
+        record.value,
+    )
 
 
-def _start_offsets(consumer: KafkaConsumer, parts: list[TopicPartition], options: ReplayOptions,
-                   end: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+def _start_offsets(
+    consumer: KafkaConsumer, parts: list[TopicPartition], options: ReplayOptions, end: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
     beginning = consumer.beginning_offsets(parts)
     if options.from_offset is not None:
         return {tp: max(options.from_offset, beginning[tp]) for tp in parts}
@@ -125,16 +133,23 @@ def replay(
     """Replay the dead letters `options` select; `progress(done, total)` after each poll."""
     summary = ReplaySummary(kafka.dead_letter_topic, kafka.input_topic, options.group, options.dry_run)
     consumer = KafkaConsumer(
-        **client_kwargs(kafka), group_id=options.group, enable_auto_commit=False,
-        auto_offset_reset="earliest", max_partition_fetch_bytes=_FETCH_BYTES, fetch_max_bytes=4 * _FETCH_BYTES,
+        **client_kwargs(kafka),
+        group_id=options.group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=_FETCH_BYTES,
+        fetch_max_bytes=4 * _FETCH_BYTES,
     )
     producer = None if options.dry_run else KafkaProducer(**producer_kwargs(kafka, limits))
     try:
         known = consumer.partitions_for_topic(kafka.dead_letter_topic)
         if not known:
             raise LookupError(f"dead-letter topic {kafka.dead_letter_topic!r} does not exist")
-        parts = [TopicPartition(kafka.dead_letter_topic, p) for p in sorted(known)
-                 if not options.partitions or p in options.partitions]
+        parts = [
+            TopicPartition(kafka.dead_letter_topic, p)
+            for p in sorted(known)
+            if not options.partitions or p in options.partitions
+        ]
         started_ms = int(time.time() * 1000)
         end = consumer.end_offsets(parts)
         starts = _start_offsets(consumer, parts, options, end)
@@ -189,8 +204,11 @@ def replay(
                     if consumer.position(tp) >= end[tp]:
                         active.discard(tp)  # caught up: nothing buffered, at or past the end
                 if active and clock() - last_record > options.idle_timeout_s:
-                    log.warning("no dead letters for %.0f s before the end offsets %s; stopping",
-                                options.idle_timeout_s, {tp.partition: end[tp] for tp in active})
+                    log.warning(
+                        "no dead letters for %.0f s before the end offsets %s; stopping",
+                        options.idle_timeout_s,
+                        {tp.partition: end[tp] for tp in active},
+                    )
                     break
     finally:
         if producer is not None:
@@ -214,8 +232,9 @@ def _remember(consumer: KafkaConsumer, next_offset: dict[TopicPartition, int], s
 _DRY = object()  # a dry run's stand-in for a send future
 
 
-def _handle(letter: DeadLetter, options: ReplayOptions, producer: KafkaProducer | None, topic: str,
-            summary: ReplaySummary) -> object | None:
+def _handle(
+    letter: DeadLetter, options: ReplayOptions, producer: KafkaProducer | None, topic: str, summary: ReplaySummary
+) -> object | None:
     """Send one letter's request (or note it); returns the send's future, None when not sent."""
     if not options.filter.matches(letter):
         summary.skipped += 1
@@ -224,8 +243,13 @@ def _handle(letter: DeadLetter, options: ReplayOptions, producer: KafkaProducer 
         record = replay_of(letter)
     except NotReplayable as e:
         summary.unreplayable.append(Unreplayed(letter.coordinates, letter.request_id(), letter.code(), str(e)))
-        log.info("not replayable: %s", e, extra=log_fields(
-            request_id=letter.request_id(), topic=letter.topic, partition=letter.partition, offset=letter.offset))
+        log.info(
+            "not replayable: %s",
+            e,
+            extra=log_fields(
+                request_id=letter.request_id(), topic=letter.topic, partition=letter.partition, offset=letter.offset
+            ),
+        )
         return None
     if producer is None:
         return _DRY
@@ -235,8 +259,12 @@ def _handle(letter: DeadLetter, options: ReplayOptions, producer: KafkaProducer 
         return e
 
 
-def _settle(pending: list[tuple[TopicPartition, int, DeadLetter, object]], producer: KafkaProducer | None,
-            summary: ReplaySummary, next_offset: dict[TopicPartition, int]) -> None:
+def _settle(
+    pending: list[tuple[TopicPartition, int, DeadLetter, object]],
+    producer: KafkaProducer | None,
+    summary: ReplaySummary,
+    next_offset: dict[TopicPartition, int],
+) -> None:
     """Wait for this poll's sends; advance each partition's commit point up to its first failure."""
     if producer is not None:
         producer.flush(timeout=60)
@@ -252,8 +280,9 @@ def _settle(pending: list[tuple[TopicPartition, int, DeadLetter, object]], produ
                 if metadata.offset is None or metadata.offset < 0:
                     raise RuntimeError(f"acknowledged without an offset ({metadata.offset})")
             except (KafkaError, RuntimeError) as e:  # the broker's refusal, a timeout, no offset
-                summary.failed.append(Unreplayed(letter.coordinates, letter.request_id(), letter.code(),
-                                                 f"{type(e).__name__}: {e}"))
+                summary.failed.append(
+                    Unreplayed(letter.coordinates, letter.request_id(), letter.code(), f"{type(e).__name__}: {e}")
+                )
                 blocked.add(tp)
                 continue
         if future is not None:
@@ -270,8 +299,10 @@ def summary_tables(summary: ReplaySummary) -> list[Table | str]:
     """The summary (per code: replayed and not replayable), where the group now stands, and the
     letters that were not sent."""
     verb = "would replay" if summary.dry_run else "replayed"
-    table = Table(title=f"replay {summary.dead_letter_topic} → {summary.input_topic}"
-                        f"{' (dry run: nothing sent)' if summary.dry_run else ''}")
+    table = Table(
+        title=f"replay {summary.dead_letter_topic} → {summary.input_topic}"
+        f"{' (dry run: nothing sent)' if summary.dry_run else ''}"
+    )
     table.add_column("code")
     table.add_column(verb, justify="right")
     table.add_column("not replayable", justify="right")
@@ -281,10 +312,18 @@ def summary_tables(summary: ReplaySummary) -> list[Table | str]:
     for code in sorted(set(summary.replayed) | set(not_sent) | set(failed)):
         table.add_row(code, str(summary.replayed[code]), str(not_sent[code]), str(failed[code]))
     table.add_section()
-    table.add_row("total", str(sum(summary.replayed.values())), str(len(summary.unreplayable)), str(len(summary.failed)))
-    position = (f"group {summary.group} now at {summary.committed} (partition: next offset)" if summary.committed
-                else f"group {summary.group}: position unchanged")
-    tables: list[Table | str] = [table, f"{summary.read} dead letter(s) read, {summary.skipped} skipped by the filter; {position}"]
+    table.add_row(
+        "total", str(sum(summary.replayed.values())), str(len(summary.unreplayable)), str(len(summary.failed))
+    )
+    position = (
+        f"group {summary.group} now at {summary.committed} (partition: next offset)"
+        if summary.committed
+        else f"group {summary.group}: position unchanged"
+    )
+    tables: list[Table | str] = [
+        table,
+        f"{summary.read} dead letter(s) read, {summary.skipped} skipped by the filter; {position}",
+    ]
     problems = summary.failed + summary.unreplayable
     if problems:
         detail = Table(title="not sent")

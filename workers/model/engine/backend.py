@@ -18,8 +18,8 @@ from workers.metrics import ENGINE_FALLBACKS
 from workers.model.backend import Generated
 from workers.model.engine.engine import CaptionEngine
 from workers.model.engine.search import Finished
-from workers.params import GenerationParams
 from workers.model.torch_backend import TorchBackend, pick_device
+from workers.params import GenerationParams
 
 
 def pack(results: list[Finished], pad: int) -> Generated:
@@ -49,7 +49,12 @@ class EngineBackend:
 
     @classmethod
     def from_directory(
-        cls, path: Path, device: str | None = None, torch_threads: int | None = None, precision: str = "auto", max_images: int = 32
+        cls,
+        path: Path,
+        device: str | None = None,
+        torch_threads: int | None = None,
+        precision: str = "auto",
+        max_images: int = 32,
     ) -> EngineBackend:
         fallback = TorchBackend.from_directory(path, device, torch_threads=torch_threads)
         engine = CaptionEngine(fallback.model, device=pick_device(device), precision=precision, max_images=max_images)

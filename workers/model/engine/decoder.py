@@ -153,8 +153,10 @@ class FastDecoder(nn.Module):
         shape_cross = (self.n_layer, slots, self.n_head, encoder_length, self.head_dim)
         kw = {"dtype": self.dtype, "device": self.device}
         return Caches(
-            torch.zeros(shape_self, **kw), torch.zeros(shape_self, **kw),
-            torch.zeros(shape_cross, **kw), torch.zeros(shape_cross, **kw),
+            torch.zeros(shape_self, **kw),
+            torch.zeros(shape_self, **kw),
+            torch.zeros(shape_cross, **kw),
+            torch.zeros(shape_cross, **kw),
         )
 
     def encoder_length(self, image_size: int) -> int:

@@ -31,8 +31,16 @@ log = logging.getLogger(__name__)
 
 # generation_config fields that add logits processors or stopping rules the engine lacks.
 _UNSUPPORTED_GENERATION = (
-    "forced_bos_token_id", "forced_eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-    "sequence_bias", "exponential_decay_length_penalty", "stop_strings", "constraints", "force_words_ids",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "exponential_decay_length_penalty",
+    "stop_strings",
+    "constraints",
+    "force_words_ids",
 )
 
 
@@ -72,8 +80,12 @@ class CaptionEngine:
 
                 graphs = GraphedSteps(decoder)
             self.scheduler = Scheduler(
-                decoder.eval(), tokens=self.tokens, image_size=config.encoder.image_size,
-                max_images=max_images, max_new_tokens=self.max_new_tokens, graphs=graphs,
+                decoder.eval(),
+                tokens=self.tokens,
+                image_size=config.encoder.image_size,
+                max_images=max_images,
+                max_new_tokens=self.max_new_tokens,
+                graphs=graphs,
             )
         else:
             log.warning("engine cannot decode this model (%s): every request goes to generate", self.model_problem)
@@ -85,7 +97,10 @@ class CaptionEngine:
     @staticmethod
     def _model_problem(model: Any) -> str | None:
         config = model.config
-        if getattr(config.encoder, "model_type", None) != "vit" or getattr(config.decoder, "model_type", None) != "gpt2":
+        if (
+            getattr(config.encoder, "model_type", None) != "vit"
+            or getattr(config.decoder, "model_type", None) != "gpt2"
+        ):
             return f"{config.encoder.model_type}+{config.decoder.model_type} (engine: vit+gpt2)"
         generation = model.generation_config
         for name in _UNSUPPORTED_GENERATION:
@@ -116,9 +131,14 @@ class CaptionEngine:
         """The search `generate` would run for `params` on this model (length penalty and early
         stopping from its generation config unless overridden)."""
         fields = {
-            "beams": params.beam_size, "max_new_tokens": params.max_output_length, "min_new_tokens": params.min_output_length,
-            "repetition_penalty": params.repetition_penalty, "no_repeat_ngram_size": params.no_repeat_ngram_size,
-            "n_return": params.n_return_sequences, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
+            "beams": params.beam_size,
+            "max_new_tokens": params.max_output_length,
+            "min_new_tokens": params.min_output_length,
+            "repetition_penalty": params.repetition_penalty,
+            "no_repeat_ngram_size": params.no_repeat_ngram_size,
+            "n_return": params.n_return_sequences,
+            "length_penalty": self.length_penalty,
+            "early_stopping": self.early_stopping,
         }
         fields.update(overrides)
         return DecodeSpec(**fields)
@@ -132,7 +152,9 @@ class CaptionEngine:
             if reason:
                 raise ValueError(f"engine cannot decode these params ({reason}); use generate")
             spec = self.spec(spec)
-        tensor = torch.as_tensor(np.ascontiguousarray(pixels, dtype=np.float32) if isinstance(pixels, np.ndarray) else pixels)
+        tensor = torch.as_tensor(
+            np.ascontiguousarray(pixels, dtype=np.float32) if isinstance(pixels, np.ndarray) else pixels
+        )
         future = self.scheduler.submit(Request(tensor, spec))
         with self._wake:
             self._wake.notify()

@@ -34,7 +34,9 @@ def cpu_flags() -> frozenset[str]:
 def cpu_capabilities() -> str:
     """One line for benchmark output: the CPU's matrix features."""
     flags = cpu_flags()
-    shown = [f for f in ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in flags]
+    shown = [
+        f for f in ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in flags
+    ]
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -60,7 +60,9 @@ def process(
     return scores
 
 
-def _repetition_penalty(scores: torch.Tensor, sequences: torch.Tensor, lengths: torch.Tensor, penalties: torch.Tensor) -> None:
+def _repetition_penalty(
+    scores: torch.Tensor, sequences: torch.Tensor, lengths: torch.Tensor, penalties: torch.Tensor
+) -> None:
     vocab = scores.shape[1]
     positions = torch.arange(sequences.shape[1], device=sequences.device)[None, :]
     # Positions past a row's length point at a spare column that is dropped afterwards.
@@ -83,7 +85,7 @@ def _no_repeat_ngram(scores: torch.Tensor, sequences: torch.Tensor, lengths: tor
             continue
         tokens = sequences[row, :cur_len].tolist()
         seen: dict[tuple[int, ...], list[int]] = {}
-        for ngram in zip(*[tokens[i:] for i in range(size)]):
+        for ngram in zip(*[tokens[i:] for i in range(size)], strict=False):
             seen.setdefault(tuple(ngram[:-1]), []).append(ngram[-1])
         banned = seen.get(tuple(tokens[cur_len + 1 - size : cur_len]), [])
         if banned:

@@ -31,7 +31,9 @@ class Request:
 class Lane:
     """All in-flight images with the same beam count."""
 
-    def __init__(self, decoder: FastDecoder, beams: int, slots: int, length: int, encoder_length: int, tokens: dict[str, int]):
+    def __init__(
+        self, decoder: FastDecoder, beams: int, slots: int, length: int, encoder_length: int, tokens: dict[str, int]
+    ):
         device = decoder.device
         self.beams, self.slots, self.start = beams, slots, tokens["start"]
         self.caches: Caches = decoder.allocate(slots * beams, slots, length, encoder_length)
@@ -100,7 +102,13 @@ class Scheduler:
     """Owns the lanes; `submit` is thread-safe, `step` runs on one thread at a time."""
 
     def __init__(
-        self, decoder: FastDecoder, *, tokens: dict[str, int], image_size: int, max_images: int, max_new_tokens: int,
+        self,
+        decoder: FastDecoder,
+        *,
+        tokens: dict[str, int],
+        image_size: int,
+        max_images: int,
+        max_new_tokens: int,
         graphs: Callable[[Lane, int], torch.Tensor] | None = None,
     ):
         self.decoder = decoder
@@ -118,7 +126,9 @@ class Scheduler:
         with self._lock:
             lane = self.lanes.get(request.spec.beams)
             if lane is None:
-                lane = Lane(self.decoder, request.spec.beams, self.max_images, self.length, self.encoder_length, self.tokens)
+                lane = Lane(
+                    self.decoder, request.spec.beams, self.max_images, self.length, self.encoder_length, self.tokens
+                )
                 self.lanes[request.spec.beams] = lane
             lane.queue.append(request)
         return request.future
@@ -184,7 +194,9 @@ class Scheduler:
         lane.tokens[:rows] = tokens
         lane.positions[:rows] = torch.where(lane.occupied[:rows], positions + 1, 0)
         results: list[tuple[int, Finished]] = [
-            (slot, lane.search.result(slot)) for slot in done.nonzero().squeeze(1).tolist() if lane.occupants[slot] is not None
+            (slot, lane.search.result(slot))
+            for slot in done.nonzero().squeeze(1).tolist()
+            if lane.occupants[slot] is not None
         ]
         for slot, result in results:
             lane.vacate(slot).future.set_result(result)

@@ -67,7 +67,9 @@ class GreedySearch:
         self.sequences[slot, 0] = start
         self.lengths[slot] = 1
         self.max_length[slot] = 1 + spec.max_new_tokens
-        self.params.set_rows(slice(slot, slot + 1), spec.repetition_penalty, spec.no_repeat_ngram_size, 1 + spec.min_new_tokens)
+        self.params.set_rows(
+            slice(slot, slot + 1), spec.repetition_penalty, spec.no_repeat_ngram_size, 1 + spec.min_new_tokens
+        )
 
     def move(self, src: int, dst: int) -> None:
         """Slot src's search becomes slot dst's (the scheduler compacts its slots)."""
@@ -106,7 +108,9 @@ class BeamSearch:
         self.length_penalty = torch.ones(slots, dtype=torch.float64, **kw)
         self.early = torch.zeros(slots, dtype=torch.int64, **kw)
         self.n_return = [1] * slots
-        self.top_beams = torch.cat([torch.ones(beams, dtype=torch.bool), torch.zeros(self.keep - beams, dtype=torch.bool)]).to(device)
+        self.top_beams = torch.cat(
+            [torch.ones(beams, dtype=torch.bool), torch.zeros(self.keep - beams, dtype=torch.bool)]
+        ).to(device)
         self.params = RowParams.empty(slots * beams, device)
 
     def reset(self, slot: int, spec: DecodeSpec, start: int) -> None:
@@ -129,8 +133,16 @@ class BeamSearch:
     def move(self, src: int, dst: int) -> None:
         """Slot src's search becomes slot dst's (the scheduler compacts its slots)."""
         per_slot = (
-            self.running, self.sequences, self.running_scores, self.scores, self.finished, self.improvable,
-            self.lengths, self.max_length, self.length_penalty, self.early,
+            self.running,
+            self.sequences,
+            self.running_scores,
+            self.scores,
+            self.finished,
+            self.improvable,
+            self.lengths,
+            self.max_length,
+            self.length_penalty,
+            self.early,
         )
         for values in per_slot:
             values[dst] = values[src]
@@ -177,7 +189,9 @@ class BeamSearch:
         normalised += (~just_finished) * NEG
         merged_scores = torch.cat((self.scores[:n], normalised), dim=1)
         best = torch.topk(merged_scores, k=k)[1]
-        self.sequences[:n] = torch.take_along_dim(torch.cat((self.sequences[:n], top_sequences), dim=1), best[..., None], dim=1)
+        self.sequences[:n] = torch.take_along_dim(
+            torch.cat((self.sequences[:n], top_sequences), dim=1), best[..., None], dim=1
+        )
         self.scores[:n] = torch.take_along_dim(merged_scores, best, dim=1)
         self.finished[:n] = torch.take_along_dim(torch.cat((self.finished[:n], just_finished), dim=1), best, dim=1)
 

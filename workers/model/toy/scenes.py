@@ -3,8 +3,9 @@ or wrong, so precision modes can be judged by more than agreement on noise).
 
 A scene is a group of one to three equal shapes (same colour) and one other shape, placed on
 either side of the image's midline; the caption names both and where the group is relative to
-the single shape (with one shape on each side, the top or left one is named first): "two red circles above a blue square", "a green triangle left of a yellow
-circle". Everything is drawn from a seeded generator: the same seed gives the same images.
+the single shape (with one shape on each side, the top or left one is named first): "two red
+circles above a blue square", "a green triangle left of a yellow circle". Everything is drawn
+from a seeded generator: the same seed gives the same images.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def caption_accuracy(model, tokenizer, images: np.ndarray, captions: list[str], 
     with torch.inference_mode():
         out = model.generate(pixel_values=_normalise(images), num_beams=beams, max_new_tokens=MAX_TOKENS)
     texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-    return sum(t == c for t, c in zip(texts, captions)) / len(captions)
+    return sum(t == c for t, c in zip(texts, captions, strict=False)) / len(captions)
 
 
 def train(out: Path, seed: int = 0, steps: int = 2000, batch: int = 64, lr: float = 3e-3) -> dict:
@@ -84,7 +84,9 @@ def train(out: Path, seed: int = 0, steps: int = 2000, batch: int = 64, lr: floa
         logits = model(pixel_values=_normalise(images), decoder_input_ids=_decoder_inputs(labels, end_id)).logits
         # Our own loss: transformers 4.57 routes VisionEncoderDecoder's `labels` to a causal-LM loss
         # that shifts them once more, which teaches the model to skip every other word.
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,14 +103,22 @@ def train(out: Path, seed: int = 0, steps: int = 2000, batch: int = 64, lr: floa
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     ViTImageProcessor(
-        do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=2,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     ).save_pretrained(out)
     record = {
         "toy": True,
         "what": "a toy captioner trained on generated scenes of coloured circles, squares and triangles; "
         "it knows nothing else (workers/model/toy)",
-        "seed": seed, "steps": steps, "batch": batch,
+        "seed": seed,
+        "steps": steps,
+        "batch": batch,
         "train_seconds": round(time.perf_counter() - started, 1),
         "held_out_accuracy": accuracy,
     }
