@@ -11,6 +11,7 @@ Deterministic: faults are drawn from `random.Random(seed)` in the order requests
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import random
@@ -226,7 +227,8 @@ class ChaosProxy:
             if outcome == DRIPPED and method == "GET" and len(resp_body) > 1:
                 self._record(Seen(method, path, DRIPPED, status, len(resp_body)))
                 if not self._drip(wfile, status, resp_headers, resp_body):
-                    conn.shutdown(socket.SHUT_RDWR)  # the client gave up on it
+                    with contextlib.suppress(OSError):  # the client gave up on it, and may be gone
+                        conn.shutdown(socket.SHUT_RDWR)
                     return
                 continue
             if outcome == DRIPPED:

@@ -291,7 +291,10 @@ def _observe(state: RunState) -> Observations:
     log_files = [state.workdir / "chaos-driver.log", *(w.log_path for w in state.workers),
                  state.broker.workdir / "tansu.out"]  # fmt: skip
     for handler in logging.getLogger().handlers:
-        handler.flush()
+        # Only what this run writes to disk: another handler's stream (a test runner's captured
+        # stderr, say) may already be closed.
+        if isinstance(handler, logging.FileHandler):
+            handler.flush()
     files, lines, file_leaks = scan_files(log_files + ray_log_files(state.started_wall), state.secrets)
     worker_metrics = {}
     for w in state.workers:
