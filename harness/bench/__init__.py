@@ -38,7 +38,11 @@ def main(
     if mode not in MODES:
         raise ValueError(f"unknown bench mode {mode!r}: use one of {', '.join(MODES)}")
     report = (
-        BenchReport(report_dir, cpu=str(cpu_features()), title=f"captioner bench --mode {mode}") if report_dir else None
+        BenchReport(
+            report_dir, cpu=cpu_features().describe().removeprefix("CPU: "), title=f"captioner bench --mode {mode}"
+        )
+        if report_dir
+        else None
     )
     batch_sizes = batch_sizes or [1, 4, 16]
     if mode == "model":
