@@ -23,6 +23,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from workers import metrics
 from workers.config import LimitsConfig, S3Config
 from workers.contract import ErrorCode, Rejected, describe
+from workers.retry import backoff_s
 from workers.s3 import ImageRef, parse_image_ref
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,8 @@ class Fetcher:
         return Rejected(ErrorCode.FETCH_FAILED, f"{ref.uri}: {what}")
 
     def _backoff_s(self, attempt: int) -> float:
-        """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
-        base = min(self.cfg.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
-        with self._rng_lock:
-            return base / 2 + self._rng.uniform(0, base / 2)
+        with self._rng_lock:  # this fetcher's seeded generator: repeatable delays in tests
+            return backoff_s(attempt, self.cfg.backoff_s, _MAX_BACKOFF_S, self._rng.uniform)
 
     def _redact(self, text: str) -> str:
         text = _CREDENTIAL_PATTERNS.sub(lambda m: (m.group(1) or m.group(3) or m.group(4)) + "<redacted>", text)

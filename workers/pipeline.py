@@ -48,7 +48,8 @@ from workers.delivery import Delivery, InFlightWindow
 from workers.fetch import Fetcher
 from workers.logs import log_fields
 from workers.replica_api import InferenceError, ReplicaAnswer, ReplicaInfo
-from workers.replica_client import ReplicaCallFailed, ReplicaClient, backoff_s
+from workers.replica_client import ReplicaCallFailed, ReplicaClient
+from workers.retry import backoff_s
 from workers.s3 import make_s3_client
 from workers.sink import Sink
 from workers.source import KafkaSource

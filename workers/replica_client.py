@@ -7,7 +7,6 @@ inference event loop. See the class for the batching and retry semantics.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 from workers.contract import describe
 from workers.params import GenerationParams
 from workers.replica_api import InferenceError, ReplicaAnswer, ReplicasUnavailable
+from workers.retry import backoff_s
 
 _Pending = tuple[np.ndarray, GenerationParams, "asyncio.Future[ReplicaAnswer]"]
 
@@ -169,9 +169,3 @@ class ReplicaCallTimedOut(TimeoutError):
 
 async def _awaited(response: Any) -> Any:
     return await response
-
-
-def backoff_s(attempt: int, first_s: float = 0.1, cap_s: float = 5.0) -> float:
-    """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
-    base = min(first_s * 2 ** (attempt - 1), cap_s)
-    return base / 2 + random.uniform(0, base / 2)

@@ -36,20 +36,6 @@ SIZE = (8640, 5760)  # 49.8 MP: under the default limits.max_image_pixels (50 00
 KINDS = ("jpeg", "jpeg-progressive", "png-rgb", "png-rgba", "png-gray16")
 
 
-def cpu_features() -> str:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    amx = "yes" if "amx_bf16" in flags else "no"
-    return f"{os.cpu_count()} CPUs, AMX {amx} ({' '.join(wanted) or 'none of avx2/avx512/amx'})"
-
-
 def make_images(cache: Path = CACHE) -> dict[str, Path]:
     """The five test images, made once (about a minute on 2 cores)."""
     import numpy as np
@@ -162,7 +148,10 @@ def run(
     requests: int = 64, workers: int | None = None, budget_bytes: int | None = None, before_tree: Path | None = None
 ) -> list[dict[str, Any]]:
     """Measure every variant and print a table; returns the rows."""
-    print(f"CPU: {cpu_features()}")
+    # Here, not at the top: the child processes may import an older `workers` (--before-tree).
+    from harness.bench.common import cpu_features
+
+    print(cpu_features().describe())
     paths = make_images()
     for kind, path in paths.items():
         print(f"  {kind}: {path.stat().st_size / 2**20:.1f} MB encoded, {SIZE[0]}×{SIZE[1]}")
