@@ -213,8 +213,10 @@ def test_other_precisions_decode(precision, hf_model, pixels) -> None:
 def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
     from workers.model.engine import precision as precision_module
 
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f"}))
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert resolve("auto", torch.device("cpu")).name == "float32"
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert resolve("auto", torch.device("cpu")).name == "bfloat16"
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
     assert resolve("auto", torch.device("cpu")).name == "bfloat16"
     assert resolve("auto", torch.device("cuda")).name == "bfloat16"
