@@ -44,7 +44,9 @@ def _invoke(args: list[str], cache_dir: Path, exit_code: int = 1):
     """Run the CLI; the folders here hold bad files, so exit code 1 (some images failed) is expected."""
     runner = CliRunner()
     # A wide terminal so rich prints every cell on one line (Spark's show(truncate=False)).
-    result = runner.invoke(app, args, env={"CAPTIONER_MODEL__CACHE_DIR": str(cache_dir), "COLUMNS": "200"})
+    # float32: the captions are compared with the fp32 reference model's (`auto` follows the CPU).
+    env = {"CAPTIONER_MODEL__CACHE_DIR": str(cache_dir), "CAPTIONER_MODEL__DTYPE": "float32", "COLUMNS": "200"}
+    result = runner.invoke(app, args, env=env)
     assert result.exit_code == exit_code, (result.output, result.exception)
     return result.output
 
