@@ -24,7 +24,6 @@ Also the wire format's cost (bytes and CPU per image) for what the batch endpoin
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
@@ -46,14 +45,14 @@ import yaml
 from rich.console import Console
 
 from harness.bench.autoscale import autoscale
-from harness.bench.common import cpu_features
+from harness.bench.common import SAMPLES, cpu_features
 from harness.bench.cpu_use import CpuSnapshot, CpuUse
 from harness.bench.serve_app import BATCH, PREFIX, deploy_app, replica_settings
+from harness.bench.wire_costs import wire_costs
 from workers.config import ReplicasConfig, Settings
 from workers.model.stand_in import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "workers" / "samples"
 PARTITIONS = 4
 # 1500 ms + 2 ms/image: a 16-image batch takes 1.53 s, 10.4 img/s per replica, 42 img/s at 4x4,
 # where this bench's own processes used ~40 % of the 2 cores (~22 ms of CPU per image in all:
@@ -115,68 +114,15 @@ class ScaleReport:
     autoscale: list[tuple[float, int, bool]] = field(default_factory=list)
     wire: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def efficiency(self, n: int) -> float:
-        base = next(p.rate for p in self.phases if p.ingests == 1)
-        top = next(p.rate for p in self.phases if p.ingests == n)
+    def efficiency(self, n: int, *, whole_run: bool = False) -> float:
+        """rate(NxN) / (N x rate(1x1)), steady-state rates unless `whole_run`."""
+
+        def rate(p: PhaseResult) -> float:
+            return p.overall_rate if whole_run else p.rate
+
+        base = next(rate(p) for p in self.phases if p.ingests == 1)
+        top = next(rate(p) for p in self.phases if p.ingests == n)
         return top / (n * base)
-
-
-# -- wire format ---------------------------------------------------------------------------------
-
-
-def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
-    """Bytes and CPU ms per image for what a batch call could carry, on the sample photographs."""
-    from PIL import Image
-
-    from workers.images import InputSize, prepare
-    from workers.params import GenerationParams
-    from workers.replica_wire import decode_batch, encode_batch
-
-    size = InputSize(224, 224, int(Image.Resampling.BILINEAR))
-    originals = [p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))]
-    pixels = [prepare(b, size=size, max_pixels=50_000_000).pixels for b in originals]
-    params = GenerationParams()
-    n = len(pixels) * rounds
-
-    def timed(fn: Any) -> float:
-        start = time.process_time()
-        for _ in range(rounds):
-            fn()
-        return (time.process_time() - start) * 1000 / n
-
-    frame = encode_batch([(p, params) for p in pixels])
-    out = {
-        "raw uint8 frame (chosen)": (
-            len(frame) / len(pixels),
-            timed(lambda: decode_batch(encode_batch([(p, params) for p in pixels]))),
-        ),
-        "original JPEG bytes": (
-            sum(map(len, originals)) / len(originals),
-            timed(lambda: [prepare(b, size=size, max_pixels=50_000_000) for b in originals]),
-        ),
-    }
-    buf = io.BytesIO()
-    np.savez(buf, *pixels)
-
-    def npz_round() -> None:
-        b = io.BytesIO()
-        np.savez(b, *pixels)
-        b.seek(0)
-        with np.load(b) as z:
-            [z[k] for k in z.files]
-
-    out["npz"] = (len(buf.getvalue()) / len(pixels), timed(npz_round))
-    b64 = json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels])
-    out["base64 in JSON"] = (
-        len(b64) / len(pixels),
-        timed(
-            lambda: [
-                np.frombuffer(base64.b64decode(s), np.uint8)
-                for s in json.loads(json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels]))
-            ]
-        ),
-    )
-    return out
 
 
 # -- the inference tier on local Ray -----------------------------------------------------------
@@ -460,10 +406,16 @@ def run(
             report.ingest_pod = _ingest_pod(broker, s3, endpoint, base, workdir, console)
             console.print("[bold]Serve autoscaling[/] (stand-in 200+1, target 1 call per replica, max 4):")
             report.autoscale = autoscale(endpoint, base, max_replicas=4, callers=8)
-            for t, count, on in report.autoscale[::2]:
-                console.print(f"  t={t:5.1f} s  replicas {count}  {'backlog' if on else 'idle'}")
+            shown = None
+            for i, (t, count, on) in enumerate(report.autoscale):
+                if (count, on) != shown or i == len(report.autoscale) - 1:  # changes, and the end
+                    console.print(f"  t={t:5.1f} s  replicas {count}  {'backlog' if on else 'idle'}")
+                    shown = (count, on)
     top = report.phases[-1].ingests
     console.print(NOTE)
+    console.print(
+        f"whole-run efficiency (fill and drain included): {report.efficiency(top, whole_run=True):.2f} at {top}x{top}"
+    )
     console.print(f"scale efficiency: {report.efficiency(top):.2f} at {top}x{top}")
     return report
 
