@@ -1,8 +1,9 @@
-"""The benchmarks' CPU header: AMX detected from /proc/cpuinfo flags, never assumed."""
+"""The benchmarks' CPU header: AMX and bf16 units detected from /proc/cpuinfo flags, never assumed."""
 
 from __future__ import annotations
 
-from harness.bench.common import cpu_features, ratio_line
+from harness.bench.common import ratio_line
+from workers.cpu import parse_cpuinfo
 
 AMX_CPU = """processor	: 0
 model name	: Intel(R) Xeon(R) Platinum 8480+
@@ -18,14 +19,16 @@ flags		: fpu sse avx2 avx512f avx512_bf16
 
 
 def test_amx_is_detected_from_the_flags() -> None:
-    amx = cpu_features(AMX_CPU)
+    amx = parse_cpuinfo(AMX_CPU)
     assert amx.amx and amx.model == "Intel(R) Xeon(R) Platinum 8480+"
     assert {"amx_bf16", "amx_int8", "avx512_bf16"} <= amx.flags
     assert "AMX: yes" in amx.describe() and "amx_int8" in amx.describe()
-    plain = cpu_features(NO_AMX_CPU)
+    plain = parse_cpuinfo(NO_AMX_CPU)
     assert not plain.amx and "avx512_bf16" in plain.flags
     assert "AMX: no" in plain.describe()
-    assert not cpu_features("").amx  # no /proc/cpuinfo: no AMX claimed
+    assert plain.bf16_in_hardware and "bf16 in hardware: yes" in plain.describe()
+    nothing = parse_cpuinfo("")  # no /proc/cpuinfo: nothing claimed
+    assert not nothing.amx and not nothing.bf16_in_hardware
 
 
 def test_ratio_lines_say_whether_the_target_is_met() -> None:

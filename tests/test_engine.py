@@ -213,8 +213,10 @@ def test_other_precisions_decode(precision, hf_model, pixels) -> None:
 def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
     from workers.model.engine import precision as precision_module
 
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f"}))
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert resolve("auto", torch.device("cpu")).name == "float32"
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert resolve("auto", torch.device("cpu")).name == "bfloat16"
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
     assert resolve("auto", torch.device("cpu")).name == "bfloat16"
     assert resolve("auto", torch.device("cuda")).name == "bfloat16"
@@ -250,3 +252,41 @@ def test_full_size_model_is_token_identical(tmp_path) -> None:
         engine = CaptionEngine(model, max_images=2)
         assert_identical(model, staggered(engine, pixels, params), pixels, params)
         assert engine.scheduler.joined_mid_flight > 0
+
+
+def test_encoder_stage_prepares_newcomers_off_the_decode_loop(hf_model, pixels) -> None:
+    """With `overlap_encoder`, the background loop's second thread encodes every image and the
+    scheduler only copies its K/V in; captions are still `generate`'s (tiny model, fp32: its
+    matrices are too small for the thread count to change a sum)."""
+    params = PARAMS["beam2"]
+    engine = CaptionEngine(hf_model, max_images=3, overlap_encoder=True)
+    assert engine.encoder_stage is not None
+    engine.start()
+    try:
+        first = engine.submit(pixels[0], params)
+        first.result(timeout=60)
+        futures = [first] + [engine.submit(image, params) for image in pixels[1:]]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        engine.stop()
+    assert engine.encoder_stage.prepared == len(pixels)
+    assert_identical(hf_model, results, pixels, params)
+
+
+def test_encoder_stage_returns_what_it_holds_on_stop(hf_model, pixels) -> None:
+    """Images still waiting for the encoder stage when the loop stops are decoded in line later:
+    none is lost."""
+    engine = CaptionEngine(hf_model, max_images=3, overlap_encoder=True)
+    engine.start()
+    futures = [engine.submit(image, PARAMS["greedy"]) for image in pixels]
+    engine.stop()
+    engine.run_until_idle()
+    assert all(f.done() and f.exception() is None for f in futures)
+
+
+def test_encoder_overlap_is_on_below_fp32_on_a_multicore_cpu_only(hf_model) -> None:
+    multicore = torch.get_num_threads() > 1
+    assert CaptionEngine(hf_model, precision="bfloat16").overlap_encoder is multicore
+    assert CaptionEngine(hf_model, precision="int8").overlap_encoder is multicore
+    assert CaptionEngine(hf_model, precision="float32").overlap_encoder is False
+    assert CaptionEngine(hf_model, precision="float32").encoder_stage is None

@@ -76,7 +76,7 @@ def test_local_directory(tmp_path: Path, tiny_model_dir: Path, tiny_model) -> No
     shutil.copytree(tiny_model_dir, local)
     resolved = resolve_model_dir(ModelConfig(source=str(local)))
     assert resolved.path == local.resolve() and resolved.name == str(local) and resolved.untrained
-    model = load_model(ModelConfig(source=str(local)), device="cpu")
+    model = load_model(ModelConfig(source=str(local), dtype="float32"), device="cpu")
     assert _captions(model) == _captions(tiny_model)
     (local / UNTRAINED_MARKER).unlink()
     assert resolve_model_dir(ModelConfig(source=str(local))).untrained is False
@@ -125,7 +125,7 @@ def test_s3_source_downloads_once_per_etag_set(
     for file in sorted(tiny_model_dir.iterdir()):
         client.put_object(Bucket=bucket, Key=prefix + file.name, Body=file.read_bytes())
     s3_cfg = s3_server.s3_config()
-    cfg = ModelConfig(source=f"s3://{bucket}/{prefix}", cache_dir=tmp_path / "cache")
+    cfg = ModelConfig(source=f"s3://{bucket}/{prefix}", cache_dir=tmp_path / "cache", dtype="float32")
 
     first = resolve_model_dir(cfg, s3_cfg)
     assert first.path.parent == tmp_path / "cache" and first.untrained and first.name == cfg.source

@@ -52,7 +52,7 @@ class ModelConfig(Section):
     engine: bool = Field(True, description="torch: decode with the engine (continuous batching); false: generate")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
         "auto",
-        description="engine precision: auto = bfloat16 on CUDA and AMX-BF16 CPUs, else float32; "
+        description="engine precision: auto = bfloat16 on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, else float32; "
         "int8 = CPU dynamic quantisation",
     )
 

@@ -64,10 +64,11 @@ def run(
     rounds = rounds or (1 if quick else 3)
     from transformers import VisionEncoderDecoderModel
 
-    from workers.model.engine.precision import cpu_capabilities, resolve
+    from workers.cpu import cpu_features
+    from workers.model.engine.precision import resolve
 
     print("captioner bench --mode engine" + (" --quick (tiny model, consistency only)" if quick else ""))
-    print(f"CPU: {cpu_capabilities()}")
+    print(cpu_features().describe())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}"

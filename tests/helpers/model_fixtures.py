@@ -37,7 +37,10 @@ def _tiny_cache(root: str) -> Path:
 def _tiny_model(cache: Path):  # -> CaptionModel
     from workers.model import load_model
 
-    return load_model(ModelConfig(source=TINY_RANDOM, cache_dir=cache, torch_threads=1), device="cpu")
+    # float32: tests compare tokens with generate and TF, which only the fp32 reference promises;
+    # `auto` would be bf16 on CI machines with AMX or AVX512-BF16.
+    config = ModelConfig(source=TINY_RANDOM, cache_dir=cache, torch_threads=1, dtype="float32")
+    return load_model(config, device="cpu")
 
 
 @pytest.fixture(scope="session")

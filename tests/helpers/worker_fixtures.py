@@ -32,7 +32,8 @@ BUCKET = "images"
 
 
 def tiny_model_config() -> ModelConfig:
-    return ModelConfig(source="tiny-random", cache_dir=MODEL_CACHE, torch_threads=1)
+    # float32, not auto: the stream tests compare captions with torch/TF references.
+    return ModelConfig(source="tiny-random", cache_dir=MODEL_CACHE, torch_threads=1, dtype="float32")
 
 
 def start_test_ray(num_gpus: int = 2) -> None:

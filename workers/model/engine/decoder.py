@@ -177,6 +177,16 @@ class FastDecoder(nn.Module):
             caches.cross_k[i, slots] = layer.heads(k)
             caches.cross_v[i, slots] = layer.heads(v)
 
+    def cross_kv(self, encoder_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K and V of N images, layers × N × H × S × D each (`fill_cross`'s values,
+        computed ahead of a slot: the encoder stage's output)."""
+        keys, values = [], []
+        for layer in self.layers:
+            k, v = layer.cross_kv_proj(encoder_hidden).split(self.n_embd, dim=2)
+            keys.append(layer.heads(k))
+            values.append(layer.heads(v))
+        return torch.stack(keys), torch.stack(values)
+
     # ------------------------------------------------------------------ one step
 
     def step(

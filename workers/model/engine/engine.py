@@ -4,7 +4,9 @@
   steps the scheduler, or waits on the background loop when one is running);
 - `submit(pixels, params)` → `concurrent.futures.Future[Finished]` for one image, served by the
   background loop (`start()` / `stop()`): requests join between decode steps and leave as they
-  finish, which is what a replica wants.
+  finish, which is what a replica wants. With `overlap_encoder` (default: on CPU, below fp32,
+  with two threads or more) the loop has a second thread that encodes newcomers on half the
+  cores while decoding goes on (`encoder_stage.py`).
 
 `unsupported(params)` names why a request cannot be decoded here (sampling, a length above the
 static cache, a model or generation config the engine does not restate); callers send those to
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from workers.model.engine.decoder import FastDecoder
+from workers.model.engine.encoder_stage import EncoderStage, ThreadShares, use_threads
 from workers.model.engine.precision import Resolved, resolve
 from workers.model.engine.scheduler import Request, Scheduler
 from workers.model.engine.search import DecodeSpec, Finished
@@ -54,9 +57,15 @@ class CaptionEngine:
         max_images: int = 32,
         max_new_tokens: int = 64,
         cuda_graphs: bool = False,
+        overlap_encoder: bool | None = None,
     ):
         self.device = torch.device(device)
         self.precision: Resolved = resolve(precision, self.device)
+        self.threads = ThreadShares(torch.get_num_threads())
+        if overlap_encoder is None:  # fp32 keeps its thread count: the reference's tokens depend on it
+            overlap_encoder = self.device.type == "cpu" and self.precision.name != "float32" and self.threads.total > 1
+        self.overlap_encoder = overlap_encoder
+        self.encoder_stage: EncoderStage | None = None
         config, generation = model.config, model.generation_config
         self.model_problem = self._model_problem(model)
         self.max_new_tokens = min(max_new_tokens, config.decoder.n_positions - 1)
@@ -87,6 +96,8 @@ class CaptionEngine:
                 max_new_tokens=self.max_new_tokens,
                 graphs=graphs,
             )
+            if overlap_encoder:
+                self.encoder_stage = EncoderStage(decoder, self.scheduler, self.threads, self._notify)
         else:
             log.warning("engine cannot decode this model (%s): every request goes to generate", self.model_problem)
         self._step_lock = threading.Lock()
@@ -155,10 +166,17 @@ class CaptionEngine:
         tensor = torch.as_tensor(
             np.ascontiguousarray(pixels, dtype=np.float32) if isinstance(pixels, np.ndarray) else pixels
         )
-        future = self.scheduler.submit(Request(tensor, spec))
+        request = Request(tensor, spec)
+        if self.encoder_stage is not None and self._thread is not None:
+            self.encoder_stage.submit(request)
+        else:
+            self.scheduler.submit(request)
+            self._notify()
+        return request.future
+
+    def _notify(self) -> None:
         with self._wake:
             self._wake.notify()
-        return future
 
     def generate(self, pixel_values: np.ndarray | torch.Tensor, spec: DecodeSpec | GenerationParams) -> list[Finished]:
         """N normalised images → N results, in order."""
@@ -181,6 +199,8 @@ class CaptionEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="caption-engine", daemon=True)
         self._thread.start()
+        if self.encoder_stage is not None:
+            self.encoder_stage.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         thread = self._thread
@@ -191,9 +211,13 @@ class CaptionEngine:
             self._wake.notify_all()
         thread.join(timeout)
         self._thread = None
+        if self.encoder_stage is not None and self.scheduler is not None:
+            for request in self.encoder_stage.stop(timeout):  # not lost: encoded in line later
+                self.scheduler.submit(request)
 
     def _loop(self) -> None:
         assert self.scheduler is not None
+        stage = self.encoder_stage
         with torch.inference_mode():
             while not self._stopping:
                 with self._wake:
@@ -201,6 +225,8 @@ class CaptionEngine:
                         self._wake.wait(timeout=1.0)
                 if self._stopping:
                     break
+                if stage is not None:
+                    use_threads(self.threads.decoder if stage.busy else self.threads.total)
                 try:
                     with self._step_lock:
                         self.scheduler.step()

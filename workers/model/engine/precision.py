@@ -1,52 +1,29 @@
-"""Which precision the engine computes in (`model.dtype`), and what the CPU can do.
+"""Which precision the engine computes in (`model.dtype`), from what the CPU can do (`workers/cpu.py`).
 
-`auto` is bfloat16 on CUDA and on CPUs whose flags include `amx_bf16` (Sapphire Rapids and later
-multiply bf16 on AMX tiles), float32 elsewhere: without AMX, bf16 matrix products are emulated or
-run on AVX-512 at no gain worth the lost precision. float32 stays the correctness reference.
+`auto` is bfloat16 on CUDA and on CPUs that multiply bf16 in hardware: AMX-BF16 tiles (Sapphire
+Rapids and later) or AVX512-BF16 dot products (Cooper Lake, AMD Zen 4 and later). On an AMD EPYC
+with AVX512-BF16 and no AMX the engine ran 2.2× faster in bf16 than in fp32 (`captioner bench
+--mode engine --also bfloat16`, docs/benchmarks.md), and the trained toy model keeps ≥ 99% of its
+captions. Elsewhere (AVX2, plain AVX-512) bf16 is emulated at no gain worth the lost precision, so
+`auto` is float32. float32 stays the correctness reference.
 `int8` (CPU only) is float32 with every linear layer dynamically quantised.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import Literal
 
 import torch
+
+from workers.cpu import BF16_FLAGS, cpu_features
 
 Precision = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
-@cache
 def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_capabilities() -> str:
-    """One line for benchmark output: the CPU's matrix features."""
-    flags = cpu_flags()
-    shown = [
-        f for f in ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in flags
-    ]
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    amx = "AMX-BF16: yes" if "amx_bf16" in flags else "AMX-BF16: no"
-    return f"{model}; {amx}; flags: {' '.join(shown) or 'none of interest'}"
+    return cpu_features().flags
 
 
 @dataclass(frozen=True)
@@ -58,7 +35,7 @@ class Resolved:
 
 def resolve(precision: str, device: torch.device) -> Resolved:
     if precision == "auto":
-        fast_bf16 = device.type == "cuda" or "amx_bf16" in cpu_flags()
+        fast_bf16 = device.type == "cuda" or bool(BF16_FLAGS & cpu_flags())
         precision = "bfloat16" if fast_bf16 else "float32"
     if precision not in _DTYPES:
         raise ValueError(f"unknown precision {precision!r}: auto, float32, bfloat16, float16 or int8")

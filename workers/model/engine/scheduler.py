@@ -2,7 +2,8 @@
 
 Images wait in a queue per beam count ("lane": slots × beams rows sharing one static KV cache).
 Each `step()` first admits queued images into free slots (one encoder pass for all of them,
-cross-attention K/V written into their slots) and then runs one decode step for every lane that
+cross-attention K/V written into their slots; images the encoder stage prepared bring their K/V
+and are only copied in) and then runs one decode step for every lane that
 has images in flight. An image leaves the moment its search is done, by `generate`'s own stopping
 rule, and its future is resolved; the others go on. Rows of free slots are computed but ignored.
 """
@@ -26,6 +27,8 @@ class Request:
     pixels: torch.Tensor  # 3×H×W, normalised
     spec: DecodeSpec
     future: Future = field(default_factory=Future)
+    # Cross-attention K and V (layers × H × S × D each) when the encoder stage prepared the image.
+    cross: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Lane:
@@ -137,6 +140,10 @@ class Scheduler:
         with self._lock:
             return sum(len(lane.queue) + lane.in_flight() for lane in self.lanes.values())
 
+    def in_flight(self) -> int:
+        """Images decoding now (not those queued)."""
+        return sum(lane.in_flight() for lane in list(self.lanes.values()))
+
     def step(self) -> int:
         """Admit queued images, then one decode step per busy lane; returns images finished."""
         finished = 0
@@ -164,15 +171,21 @@ class Scheduler:
             admitted = [(free[i], lane.queue.popleft()) for i in range(min(len(free), len(lane.queue)))]
         if not admitted:
             return
-        try:
-            pixels = torch.stack([r.pixels for _, r in admitted]).to(self.decoder.device)
-            slots = torch.tensor([s for s, _ in admitted], device=self.decoder.device)
-            encoded = self.decoder.encode(pixels)
-            self.decoder.fill_cross(lane.caches, slots, encoded)
-        except Exception as e:  # noqa: BLE001 - a bad image batch fails its requests, not the loop
-            for _, request in admitted:
-                request.future.set_exception(e)
-            return
+        raw = [(slot, request) for slot, request in admitted if request.cross is None]
+        for slot, request in admitted:
+            if request.cross is not None:  # prepared by the encoder stage: only its K/V to copy
+                lane.caches.cross_k[:, slot] = request.cross[0]
+                lane.caches.cross_v[:, slot] = request.cross[1]
+                request.cross = None
+        if raw:
+            try:
+                pixels = torch.stack([r.pixels for _, r in raw]).to(self.decoder.device)
+                slots = torch.tensor([s for s, _ in raw], device=self.decoder.device)
+                self.decoder.fill_cross(lane.caches, slots, self.decoder.encode(pixels))
+            except Exception as e:  # noqa: BLE001 - a bad image batch fails its requests, not the loop
+                for _, request in raw:
+                    request.future.set_exception(e)
+                admitted = [(slot, request) for slot, request in admitted if not request.future.done()]
         if lane.in_flight():
             self.joined_mid_flight += len(admitted)
         for slot, request in admitted:
