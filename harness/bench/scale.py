@@ -45,11 +45,12 @@ import yaml
 from rich.console import Console
 
 from harness.bench.autoscale import autoscale
-from harness.bench.common import SAMPLES, cpu_features
+from harness.bench.common import SAMPLES
 from harness.bench.cpu_use import CpuSnapshot, CpuUse
 from harness.bench.serve_app import BATCH, PREFIX, deploy_app, replica_settings
 from harness.bench.wire_costs import wire_costs
 from workers.config import ReplicasConfig, Settings
+from workers.cpu import cpu_features
 from workers.model.stand_in import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[2]
