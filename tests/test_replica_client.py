@@ -71,6 +71,27 @@ def test_idle_client_sends_at_once_then_groups_while_a_call_is_in_flight() -> No
     asyncio.run(scenario())
 
 
+def test_with_every_call_slot_taken_the_next_call_fills_up_instead_of_going_small() -> None:
+    async def scenario() -> None:
+        handle = FakeHandle()
+        client = ReplicaClient(handle, max_batch_size=4, wait_s=0.0, retry_budget_s=0, call_timeout_s=30, max_calls=2)
+        futures = [asyncio.ensure_future(client.caption(image(0), PARAMS))]
+        await wait_until(lambda: handle.calls == [1])
+        futures.append(asyncio.ensure_future(client.caption(image(1), PARAMS)))
+        await wait_until(lambda: handle.calls == [1, 1])  # a free slot: sent at once
+        futures += [asyncio.ensure_future(client.caption(image(i), PARAMS)) for i in range(2, 8)]
+        assert client._queue is not None
+        await wait_until(lambda: client._queue.qsize() == 2)  # four held in the next call, two queued
+        assert handle.calls == [1, 1], "no third call while both slots are taken"
+        handle.release.set()
+        answers = await asyncio.gather(*futures)
+        assert [a.captions[0] for a in answers] == [f"caption {i}" for i in range(8)]
+        assert handle.calls == [1, 1, 4, 2], "the held call went out full once a slot freed"
+        await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_call_is_retried_then_fails_every_image_of_it() -> None:
     async def scenario() -> None:
         retries: list[int] = []

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray]
 def scale_app(ray_serve: str):
     from ray import serve
 
-    from harness.bench.scale import APP
+    from harness.bench.serve_app import APP
 
     yield ray_serve
     serve.delete(APP)

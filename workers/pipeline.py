@@ -105,6 +105,8 @@ class Pipeline:
             wait_s=settings.replicas.batch_wait_timeout_s,
             retry_budget_s=worker.inference_retry_budget_s,
             call_timeout_s=settings.replicas.call_timeout_s,
+            # No more calls than the window holds full ones: under load calls fill up instead.
+            max_calls=-(-worker.max_in_flight // settings.replicas.max_batch_size),
             on_retry=self._on_inference_retry,
             on_timeout=metrics.REPLICA_CALL_TIMEOUTS.inc,
         )

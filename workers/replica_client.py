@@ -30,7 +30,11 @@ class ReplicaClient:
     While a call is in flight, images submitted within `wait_s` of the first one (up to
     `max_batch_size`) share the next call; when none is in flight the replicas are idle and an
     image goes at once (waiting would only add latency). Calls are not awaited one by one, so
-    several can be in flight and the replicas' @serve.batch merges them. Use from one asyncio loop.
+    several can be in flight and the replicas' @serve.batch merges them. With `max_calls` set,
+    at most that many are in flight: while every slot is taken the next call keeps filling (up
+    to `max_batch_size`) until one returns, so a busy tier gets full calls instead of a spray of
+    small ones (each costs a proxy hop and an ingress slot, and a replica cannot merge two
+    calls past its batch size). Use from one asyncio loop.
 
     Failures, and what they become:
     - the inference tier is unavailable (nothing reached a replica: connection refused, Serve's
@@ -54,6 +58,7 @@ class ReplicaClient:
         retry_budget_s: float,
         call_timeout_s: float,
         max_attempts: int | None = None,
+        max_calls: int | None = None,
         on_retry: Callable[[int, BaseException], None] | None = None,
         on_timeout: Callable[[], None] | None = None,
     ):
@@ -63,11 +68,13 @@ class ReplicaClient:
         self.retry_budget_s = retry_budget_s
         self.call_timeout_s = call_timeout_s
         self.max_attempts = max_attempts
+        self.max_calls = max_calls
         self.on_retry = on_retry
         self.on_timeout = on_timeout
         self._queue: asyncio.Queue[_Pending] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        self._wake: asyncio.Event | None = None  # set when an image arrives or a call returns
 
     async def close(self) -> None:
         """Cancel the batch former and outstanding calls (their callers get CancelledError)."""
@@ -78,9 +85,11 @@ class ReplicaClient:
     async def caption(self, pixels: np.ndarray, params: GenerationParams) -> ReplicaAnswer:
         if self._queue is None:
             self._queue = asyncio.Queue()
+            self._wake = asyncio.Event()
             self._spawn(self._form_batches())
         future: asyncio.Future[ReplicaAnswer] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((pixels, params, future))
+        self._wake_former()
         answer = await future
         if answer.error is not None:
             raise InferenceError(answer.error)
@@ -93,21 +102,40 @@ class ReplicaClient:
             batch = [await self._queue.get()]
             deadline = loop.time() + (self.wait_s if self._in_flight else 0.0)
             while len(batch) < self.max_batch_size:
+                if not self._queue.empty():  # queued images join at once, deadline or not
+                    batch.append(self._queue.get_nowait())
+                    continue
                 remaining = deadline - loop.time()
-                if remaining <= 0 and self._queue.empty():
+                if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(remaining, 0)))
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+            await self._fill_while_saturated(batch)
+            self._in_flight += 1  # counted here: the former may spawn again before the task runs
             self._spawn(self._call(batch))
 
+    async def _fill_while_saturated(self, batch: list[_Pending]) -> None:
+        """Every call slot is taken: wait for one to free, filling this call meanwhile (up to full)."""
+        assert self._queue is not None and self._wake is not None
+        while self.max_calls is not None and self._in_flight >= self.max_calls:
+            if len(batch) < self.max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _wake_former(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
     async def _call(self, batch: list[_Pending]) -> None:
-        self._in_flight += 1
         try:
             await self._call_with_retries(batch)
         finally:
             self._in_flight -= 1
+            self._wake_former()
 
     async def _call_with_retries(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

@@ -9,8 +9,12 @@ frame, Serve's proxy and router — NOT the model; every output says so.
 
 Parts:
 1. images/s for 1x1, 2x2 and 4x4 (ingests x replicas), the efficiency against linear
-   (E = rate(NxN) / (N x rate(1x1))) and the machine's CPU use; each run checks its own
-   consistency: every request answered exactly once, no dead letter.
+   (E = rate(NxN) / (N x rate(1x1))) and the CPU use (the machine's, and this bench's own
+   processes'); each run checks its own consistency: every request answered exactly once, no
+   dead letter, and it reports the calls the ingests had to retry. The rates are the steady
+   state: answers between the 10th and 90th percentile of their arrival, so the pipeline's fill
+   and drain stay out (the whole-run rate is printed beside it). The same profile, images per
+   ingest and ingest settings serve every topology; requests go round-robin to 4 partitions.
 2. (full run) one ingest process against a zero-latency stand-in with the sample photographs:
    the ingest pod's img/s and CPU per image, the figure docs/deployment.md sizes KEDA from.
 3. (full run) Serve autoscaling on real Serve: from 1 replica under a backlog of calls up to the
@@ -20,7 +24,6 @@ Also the wire format's cost (bytes and CPU per image) for what the batch endpoin
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
@@ -42,23 +45,38 @@ import yaml
 from rich.console import Console
 
 from harness.bench.autoscale import autoscale
-from harness.bench.serve_app import APP, BATCH, PREFIX, deploy_app, replica_settings
+from harness.bench.common import SAMPLES
+from harness.bench.cpu_use import CpuSnapshot, CpuUse
+from harness.bench.serve_app import BATCH, PREFIX, deploy_app, replica_settings
+from harness.bench.wire_costs import wire_costs
 from workers.config import ReplicasConfig, Settings
+from workers.cpu import cpu_features
 from workers.model.stand_in import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "workers" / "samples"
 PARTITIONS = 4
-# 3000 ms + 4 ms/image: a 16-image batch takes 3.06 s, 5.2 img/s per replica, ~21 img/s at 4x4.
-# At 1500+2 (10.4 img/s per replica) 4x4 drove this shared 2-core machine to 96 % CPU and
-# measured E = 0.60: the machine, not the profile, was the bound. Half the rate leaves it room,
-# so the replicas' profile is what bounds each run, as GPUs would.
-PROFILE = LatencyProfile(3000, 4)
+# 1500 ms + 2 ms/image: a 16-image batch takes 1.53 s, 10.4 img/s per replica, 42 img/s at 4x4,
+# where this bench's own processes used ~40 % of the 2 cores (~22 ms of CPU per image in all:
+# ingest, proxy, ingress, broker, S3 server, Ray): the replicas' profile bounds each run, as
+# GPUs would, not the machine. (Earlier runs at this profile measured E = 0.60 at 96 % CPU:
+# the ingests sprayed partial calls that the ingress refused and they retried; see the
+# ReplicaClient's `max_calls`.)
+PROFILE = LatencyProfile(1500, 2)
 # The quick form (CI) checks consistency, not speed: a short profile keeps it short.
 QUICK_PROFILE = LatencyProfile(300, 1)
+# 20 full batches per replica: the steady window (answers 10 % to 90 %) spans 16 of them.
+IMAGES_PER_INGEST = 320
+QUICK_IMAGES_PER_INGEST = 32
 NOTE = (
     "[bold yellow]stand-in model[/]: replicas sleep a fixed latency profile — this measures the plumbing, not the model"
 )
+
+
+# The steady state: answers between these quantiles of their arrival times. Before the first,
+# the pipeline fills (the first call goes alone; the replicas' queues build); after the last,
+# it drains (the last batches are partial). Both cost the same seconds at every topology, so a
+# whole-run rate would understate the larger ones, whose runs are no longer; it is printed too.
+STEADY_FROM, STEADY_TO = 0.1, 0.9
 
 
 @dataclass
@@ -66,15 +84,28 @@ class PhaseResult:
     ingests: int
     replicas: int
     images: int
-    seconds: float
-    cpu_busy: float  # share of the machine's CPU time busy during the phase (0..1)
+    answer_times: list[float]  # seconds from the first request sent, one per answer, sorted
+    cpu: CpuUse
     answered_once: bool
     dead_letters: int
+    retried_calls: int  # replica calls the ingests retried (refused, 503, timed out): 0 expected
+    mean_batch: float  # images per replica batch, averaged over the images (as replicas report)
     ingest_cpu_s: float = 0.0  # CPU the ingest processes used during the phase
 
     @property
-    def rate(self) -> float:
+    def seconds(self) -> float:
+        return self.answer_times[-1]
+
+    @property
+    def overall_rate(self) -> float:
+        """Images over the whole run, first request to last answer (fill and drain included)."""
         return self.images / self.seconds
+
+    @property
+    def rate(self) -> float:
+        """Steady-state images/s: answers between the STEADY_FROM and STEADY_TO quantiles."""
+        first, last = int(STEADY_FROM * self.images), int(STEADY_TO * self.images) - 1
+        return (last - first) / max(self.answer_times[last] - self.answer_times[first], 1e-9)
 
 
 @dataclass
@@ -84,114 +115,15 @@ class ScaleReport:
     autoscale: list[tuple[float, int, bool]] = field(default_factory=list)
     wire: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def efficiency(self, n: int) -> float:
-        base = next(p.rate for p in self.phases if p.ingests == 1)
-        top = next(p.rate for p in self.phases if p.ingests == n)
+    def efficiency(self, n: int, *, whole_run: bool = False) -> float:
+        """rate(NxN) / (N x rate(1x1)), steady-state rates unless `whole_run`."""
+
+        def rate(p: PhaseResult) -> float:
+            return p.overall_rate if whole_run else p.rate
+
+        base = next(rate(p) for p in self.phases if p.ingests == 1)
+        top = next(rate(p) for p in self.phases if p.ingests == n)
         return top / (n * base)
-
-
-# -- the machine ---------------------------------------------------------------------------------
-
-
-def _cpu_times() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def _process_cpu_s(pid: int) -> float:
-    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _all_process_cpu() -> dict[str, float]:
-    """CPU seconds per process name (comm; Ray actors show as ray::...), every process here."""
-    out: dict[str, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        parts = text.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
-def top_cpu(before: dict[str, float], after: dict[str, float], n: int = 6) -> str:
-    used = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)[:n]
-    return ", ".join(f"{name} {seconds:.1f}s" for seconds, name in used)
-
-
-def cpu_line() -> str:
-    flags = set()
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-        elif line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-    amx = "AMX" if {"amx_bf16", "amx_tile"} & flags else "no AMX"
-    return f"{model}, {os.cpu_count()} cores, {amx} (the stand-in model does no matrix work)"
-
-
-# -- wire format ---------------------------------------------------------------------------------
-
-
-def wire_costs(rounds: int = 3) -> dict[str, tuple[float, float]]:
-    """Bytes and CPU ms per image for what a batch call could carry, on the sample photographs."""
-    from PIL import Image
-
-    from workers.images import InputSize, prepare
-    from workers.params import GenerationParams
-    from workers.replica_wire import decode_batch, encode_batch
-
-    size = InputSize(224, 224, int(Image.Resampling.BILINEAR))
-    originals = [p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))]
-    pixels = [prepare(b, size=size, max_pixels=50_000_000).pixels for b in originals]
-    params = GenerationParams()
-    n = len(pixels) * rounds
-
-    def timed(fn: Any) -> float:
-        start = time.process_time()
-        for _ in range(rounds):
-            fn()
-        return (time.process_time() - start) * 1000 / n
-
-    frame = encode_batch([(p, params) for p in pixels])
-    out = {
-        "raw uint8 frame (chosen)": (
-            len(frame) / len(pixels),
-            timed(lambda: decode_batch(encode_batch([(p, params) for p in pixels]))),
-        ),
-        "original JPEG bytes": (
-            sum(map(len, originals)) / len(originals),
-            timed(lambda: [prepare(b, size=size, max_pixels=50_000_000) for b in originals]),
-        ),
-    }
-    buf = io.BytesIO()
-    np.savez(buf, *pixels)
-
-    def npz_round() -> None:
-        b = io.BytesIO()
-        np.savez(b, *pixels)
-        b.seek(0)
-        with np.load(b) as z:
-            [z[k] for k in z.files]
-
-    out["npz"] = (len(buf.getvalue()) / len(pixels), timed(npz_round))
-    b64 = json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels])
-    out["base64 in JSON"] = (
-        len(b64) / len(pixels),
-        timed(
-            lambda: [
-                np.frombuffer(base64.b64decode(s), np.uint8)
-                for s in json.loads(json.dumps([base64.b64encode(p.tobytes()).decode() for p in pixels]))
-            ]
-        ),
-    )
-    return out
 
 
 # -- the inference tier on local Ray -----------------------------------------------------------
@@ -249,20 +181,23 @@ class Ingest:
             stderr=subprocess.PIPE,
         )
 
-    def assigned(self) -> int:
-        """Partitions this member holds now (assigned minus revoked, from its /metrics)."""
+    def metric(self, sample: str) -> float:
+        """One sample of this member's /metrics (name and labels as written there); 0 if absent."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"ingest exited {self.proc.returncode}: {self.proc.stderr.read().decode()[-2000:]}")
         try:
             text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
         except OSError:
-            return 0
-        counts = {"assigned": 0.0, "revoked": 0.0}
+            return 0.0
         for line in text.splitlines():
-            for event in counts:
-                if line.startswith(f'captioner_rebalances_total{{event="{event}"}}'):
-                    counts[event] = float(line.split()[-1])
-        return int(counts["assigned"] - counts["revoked"])
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def assigned(self) -> int:
+        """Partitions this member holds now (assigned minus revoked)."""
+        events = 'captioner_rebalances_total{{event="{}"}}'
+        return int(self.metric(events.format("assigned")) - self.metric(events.format("revoked")))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -274,7 +209,7 @@ class Ingest:
                 self.proc.wait()
 
 
-def _ingest_settings(broker: Any, s3: Any, endpoint: str, **worker: Any) -> Settings:
+def _ingest_settings(broker: Any, s3: Any, endpoint: str, wait_s: float, **worker: Any) -> Settings:
     from workers.config import KafkaConfig, WorkerConfig
 
     tag = uuid.uuid4().hex[:8]
@@ -293,15 +228,24 @@ def _ingest_settings(broker: Any, s3: Any, endpoint: str, **worker: Any) -> Sett
             min_input_partitions=1,
         ),
         s3=s3.s3_config(allowed_buckets=["images"]),
-        # While a call is in flight the ingest fills the next one for up to 0.2 s: against a
-        # 1.5 s batch, a full call beats several small ones the replica cannot always merge.
-        replicas=ReplicasConfig(endpoint=endpoint, max_batch_size=BATCH, batch_wait_timeout_s=0.2),
+        # While a call is in flight the ingest fills the next one for up to `wait_s`: the window
+        # keeps several calls queued per replica, so waiting costs no throughput, and a full call
+        # beats two small ones that a replica cannot merge past its batch size.
+        replicas=ReplicasConfig(endpoint=endpoint, max_batch_size=BATCH, batch_wait_timeout_s=wait_s),
         worker=WorkerConfig(max_in_flight=8 * BATCH, cache_size=0, fetch_concurrency=8, **worker),
     )
 
 
 def _phase(
-    broker: Any, s3: Any, endpoint: str, ingests: int, uris: list[str], count: int, workdir: Path, console: Console
+    broker: Any,
+    s3: Any,
+    endpoint: str,
+    profile: LatencyProfile,
+    ingests: int,
+    uris: list[str],
+    count: int,
+    workdir: Path,
+    console: Console,
 ) -> tuple[PhaseResult, list[Ingest]]:
     from kafka import KafkaProducer
 
@@ -309,7 +253,7 @@ def _phase(
     from workers.embedded import wait_until
     from workers.kafkaclient import ensure_topics
 
-    settings = _ingest_settings(broker, s3, endpoint)
+    settings = _ingest_settings(broker, s3, endpoint, wait_s=profile.batch_ms(BATCH) / 1000)
     kafka = settings.kafka
     ensure_topics(kafka, [kafka.input_topic], partitions=PARTITIONS)
     ensure_topics(kafka, [kafka.output_topic, kafka.dead_letter_topic])
@@ -328,31 +272,36 @@ def _phase(
         )
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         ids = [f"r{i}" for i in range(count)]
-        busy0, total0 = _cpu_times()
-        procs0 = _all_process_cpu()
-        ingest0 = sum(_process_cpu_s(m.proc.pid) for m in members)
+        retried = "captioner_inference_retries_total"
+        retries0 = sum(m.metric(retried) for m in members)
+        before = CpuSnapshot.take()
         start = time.perf_counter()
+        # Round-robin over the partitions: every member gets the same share of the work.
         for i, rid in enumerate(ids):
-            producer.send(kafka.input_topic, encode({"id": rid, "image": uris[i % len(uris)]}))
+            image = uris[i % len(uris)]
+            producer.send(kafka.input_topic, encode({"id": rid, "image": image}), partition=i % PARTITIONS)
         producer.flush()
         producer.close()
-        seen, dead, end = _collect(kafka, set(ids))
-        busy1, total1 = _cpu_times()
-        console.print(f"    CPU by process during {ingests}x{ingests}: {top_cpu(procs0, _all_process_cpu())}")
-        ingest_cpu = sum(_process_cpu_s(m.proc.pid) for m in members) - ingest0
+        seen, dead, times = _collect(kafka, set(ids))
+        cpu = CpuUse.between(before, CpuSnapshot.take())
+        console.print(f"    CPU by process during {ingests}x{ingests}: {cpu.top()}")
+        retries = int(sum(m.metric(retried) for m in members) - retries0)
+        batched = sum(m.metric("captioner_batch_size_sum") for m in members)
+        mean_batch = batched / max(sum(m.metric("captioner_batch_size_count") for m in members), 1)
     except BaseException:
         for m in members:
             m.stop()
         raise
     once = sorted(seen) == sorted(ids)
-    result = PhaseResult(
-        ingests, 0, count, end - start, (busy1 - busy0) / max(total1 - total0, 1), once, dead, ingest_cpu
-    )
+    answer_times = sorted(t - start for t in times)
+    ingest_cpu = cpu.of([m.proc.pid for m in members])
+    result = PhaseResult(ingests, 0, count, answer_times, cpu, once, dead, retries, mean_batch, ingest_cpu)
     return result, members
 
 
-def _collect(kafka: Any, ids: set[str], timeout_s: float = 300) -> tuple[list[str], int, float]:
-    """Every outcome's id (duplicates kept), the dead-letter count, and when the last one came."""
+def _collect(kafka: Any, ids: set[str], timeout_s: float = 300) -> tuple[list[str], int, list[float]]:
+    """Every outcome's id (duplicates kept), the dead-letter count, and when each id's first
+    outcome came (time.perf_counter)."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
@@ -365,23 +314,23 @@ def _collect(kafka: Any, ids: set[str], timeout_s: float = 300) -> tuple[list[st
         fetch_max_wait_ms=50,
     )
     seen: list[str] = []
+    first_seen: dict[str, float] = {}
     dead = 0
-    last = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     try:
-        while len(set(seen) & ids) < len(ids) and time.monotonic() < deadline:
+        while len(first_seen.keys() & ids) < len(ids) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=100).values():
                 for r in records:
                     body = json.loads(r.value)
                     seen.append(body["id"])
+                    first_seen.setdefault(body["id"], time.perf_counter())
                     dead += "error" in body
-                    last = time.perf_counter()
         # A short grace period: a duplicate arriving just after the last id still counts.
         for records in consumer.poll(timeout_ms=500).values():
             seen.extend(json.loads(r.value)["id"] for r in records)
     finally:
         consumer.close()
-    return seen, dead, last
+    return seen, dead, list(first_seen.values())
 
 
 def _upload_small_images(s3: Any, count: int = 64) -> list[str]:
@@ -416,14 +365,17 @@ def run(
     console = console or Console()
     report = ScaleReport()
     profile = QUICK_PROFILE if quick else PROFILE
+    per = QUICK_IMAGES_PER_INGEST if quick else IMAGES_PER_INGEST
     console.print(
-        f"[bold]bench scale[/] on {cpu_line()}; load average {os.getloadavg()[0]:.1f} "
-        "(machine CPU below includes anything else running here)"
+        f"[bold]bench scale[/] on {cpu_features().describe()} (the stand-in model does no matrix work); "
+        f"load average {os.getloadavg()[0]:.1f} (machine CPU below includes anything else running here)"
     )
     console.print(NOTE)
+    ideal = BATCH * 1000 / profile.batch_ms(BATCH)
     console.print(
-        f"profile {profile.source}: {profile.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, "
-        f"{BATCH * 1000 / profile.batch_ms(BATCH):.1f} img/s per replica; {PARTITIONS} partitions"
+        f"profile {profile.source}: {profile.batch_ms(BATCH):.0f} ms per {BATCH}-image batch, at most "
+        f"{ideal:.1f} img/s per replica; {PARTITIONS} partitions; {per} images per ingest; rates are the "
+        f"steady state (answers {STEADY_FROM:.0%} to {STEADY_TO:.0%}), E = rate(NxN) / (N x rate(1x1))"
     )
     report.wire = wire_costs()
     for name, (size, ms) in report.wire.items():
@@ -436,40 +388,37 @@ def run(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="captioner-scale-")))
         uris = _upload_small_images(s3)
         base = Settings(s3=s3.s3_config(allowed_buckets=["images"]), metrics={"port": 0})
-        per = 32 if quick else 160
         for n in [1, 2] if quick else [1, 2, 4]:
             deploy_app(replica_settings(base, profile, n))
-            result, members = _phase(broker, s3, endpoint, n, uris, per * n, workdir, console)
+            result, members = _phase(broker, s3, endpoint, profile, n, uris, per * n, workdir, console)
             result.replicas = n
             for m in members:
                 m.stop()
-            sizes = _replica_batch_sizes()
             report.phases.append(result)
             console.print(
-                f"  {n}x{n}: {result.images} images in {result.seconds:5.1f} s = {result.rate:6.1f} img/s, "
-                f"machine CPU {result.cpu_busy:4.0%} (ingest {result.ingest_cpu_s * 1000 / result.images:.1f} "
-                f"ms/img), mean batch {np.mean(sizes):.1f} (one replica's), answered once: "
-                f"{result.answered_once}, dead letters: {result.dead_letters}"
+                f"  {n}x{n}: {result.rate:5.1f} img/s steady ({result.rate / (n * ideal):.0%} of the profile's "
+                f"{n * ideal:.1f}); {result.images} images in {result.seconds:.1f} s = {result.overall_rate:.1f} "
+                f"img/s with fill and drain; mean batch {result.mean_batch:.1f} of {BATCH}; CPU: machine "
+                f"{result.cpu.machine:.0%}, this bench's processes {result.cpu.own:.0%}, ingest "
+                f"{result.ingest_cpu_s * 1000 / result.images:.1f} ms/img; retried calls {result.retried_calls}; "
+                f"answered once: {result.answered_once}, dead letters: {result.dead_letters}"
             )
         if not quick:
             report.ingest_pod = _ingest_pod(broker, s3, endpoint, base, workdir, console)
             console.print("[bold]Serve autoscaling[/] (stand-in 200+1, target 1 call per replica, max 4):")
             report.autoscale = autoscale(endpoint, base, max_replicas=4, callers=8)
-            for t, count, on in report.autoscale[::2]:
-                console.print(f"  t={t:5.1f} s  replicas {count}  {'backlog' if on else 'idle'}")
+            shown = None
+            for i, (t, count, on) in enumerate(report.autoscale):
+                if (count, on) != shown or i == len(report.autoscale) - 1:  # changes, and the end
+                    console.print(f"  t={t:5.1f} s  replicas {count}  {'backlog' if on else 'idle'}")
+                    shown = (count, on)
     top = report.phases[-1].ingests
     console.print(NOTE)
+    console.print(
+        f"whole-run efficiency (fill and drain included): {report.efficiency(top, whole_run=True):.2f} at {top}x{top}"
+    )
     console.print(f"scale efficiency: {report.efficiency(top):.2f} at {top}x{top}")
     return report
-
-
-def _replica_batch_sizes() -> list[int]:
-    from ray import serve
-
-    from workers.replicas import DEPLOYMENT_NAME
-
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, APP)
-    return handle.stats.remote().result()["batch_sizes"] or [0]
 
 
 def _ingest_pod(
@@ -482,18 +431,19 @@ def _ingest_pod(
     for p in sorted(SAMPLES.glob("*.jpg")):
         client.put_object(Bucket="images", Key=f"photos/{p.name}", Body=p.read_bytes())
         uris.append(f"s3://images/photos/{p.name}")
-    deploy_app(replica_settings(base, LatencyProfile(0, 0), 4))
-    result, members = _phase(broker, s3, endpoint, 1, uris, 600, workdir, console)
+    zero = LatencyProfile(0, 0)
+    deploy_app(replica_settings(base, zero, 4))
+    result, members = _phase(broker, s3, endpoint, zero, 1, uris, 600, workdir, console)
     for m in members:
         m.stop()
     figures = {
         "img_s": result.rate,
         "cpu_ms_per_image": result.ingest_cpu_s * 1000 / result.images,
-        "machine_cpu": result.cpu_busy,
+        "machine_cpu": result.cpu.machine,
     }
     console.print(
         f"ingest pod (1 process, sample photos ~640x480 JPEG, zero-latency stand-in): "
         f"{figures['img_s']:.0f} img/s, {figures['cpu_ms_per_image']:.1f} ms of ingest CPU per image, "
-        f"machine CPU {result.cpu_busy:.0%}, answered once: {result.answered_once}"
+        f"machine CPU {result.cpu.machine:.0%}, answered once: {result.answered_once}"
     )
     return figures
