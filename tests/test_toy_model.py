@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import VisionEncoderDecoderModel
 
-from workers.config import ModelConfig
+from workers.config import TOY_SHAPES, ModelConfig
 from workers.model import load_model
 from workers.model.engine import CaptionEngine
-from workers.model.loading import TOY_SHAPES, resolve_model_dir
+from workers.model.loading import resolve_model_dir
 from workers.model.toy.scenes import WORDS, dataset
 from workers.model.toy.train import SHIPPED, TOY_MARKER
 from workers.params import GenerationParams

@@ -173,10 +173,11 @@ def serve_cmd(config: ConfigOpt = None) -> None:
 def demo(
     config: ConfigOpt = None,
     model: Annotated[
-        Optional[str], typer.Option(help="default: the pretrained checkpoint if present, else tiny-random")
+        Optional[str],
+        typer.Option(help="default: the pretrained checkpoint if present, else toy-shapes on generated scenes"),
     ] = None,
 ) -> None:
-    """Embedded everything: upload the samples, submit requests, run the worker, print the results."""
+    """Embedded everything: upload images, submit requests, run the worker, print the results."""
     from deployment.local import local_inference_tier
     from workers import runner
 

@@ -33,6 +33,9 @@ from workers.params import GenerationParams
 EMBEDDED = "embedded"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 TINY_RANDOM = "tiny-random"
+# The toy captioner shipped in the package (workers/model/toy): trained, but only on generated
+# scenes of coloured shapes; its captions mean something only for such images.
+TOY_SHAPES = "toy-shapes"
 
 MB = 1024 * 1024
 

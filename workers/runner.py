@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers import metrics
-from workers.config import DEFAULT_MODEL, TINY_RANDOM, RayConfig, Settings
+from workers.config import DEFAULT_MODEL, TOY_SHAPES, RayConfig, Settings
 from workers.logs import adopt_ray_loggers
 from workers.signals import (
     Stopped,
@@ -27,12 +27,13 @@ from workers.signals import (
     on_stop_signals,
     raise_on_stop_signals,
 )
-from workers.ui import untrained_banner
+from workers.ui import toy_banner, untrained_banner
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 SAMPLES = Path(__file__).parent / "samples"
+DEMO_SCENES, DEMO_SEED = 8, 2026  # the toy model's demo: scenes it never saw in training (seed 0)
 
 
 def start_ray(cfg: RayConfig) -> None:
@@ -190,6 +191,8 @@ def run(settings: Settings, local_tier: LocalTier | None = None) -> int:
             )
             if pipeline.model_record.get("untrained"):
                 console.print(untrained_banner(pipeline.model_record["name"]))
+            if pipeline.model_record.get("name") == TOY_SHAPES:
+                console.print(toy_banner())
             pipeline.wait()
             stop()
             return pipeline.exit_code if pipeline.failed.is_set() else 0
@@ -225,8 +228,12 @@ def pretrained_available(source: str = DEFAULT_MODEL) -> bool:
 def demo(
     settings: Settings, *, model: str | None = None, timeout_s: float = 300, local_tier: LocalTier | None = None
 ) -> int:
-    """Embedded everything: upload the samples, submit one request each, caption, print, exit."""
-    source = model or (DEFAULT_MODEL if pretrained_available() else TINY_RANDOM)
+    """Embedded everything: upload the images, submit one request each, caption, print, exit.
+
+    Without the pretrained checkpoint the default is the toy captioner on generated scenes of
+    shapes (named by their true captions), so a first run shows captions a person can check;
+    any other model captions the sample photos."""
+    source = model or (DEFAULT_MODEL if pretrained_available() else TOY_SHAPES)
     settings = settings.model_copy(
         update={
             "model": settings.model.model_copy(update={"source": source}),
@@ -234,17 +241,36 @@ def demo(
             "s3": settings.s3.model_copy(update={"endpoint_url": "embedded"}),
         }
     )
-    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    console.print(f"[bold]demo[/]: {len(files)} sample images, model {source}, embedded Kafka + S3 + Ray")
+    images, expected = demo_images(source)
+    what = "generated scenes" if expected else "sample images"
+    console.print(f"[bold]demo[/]: {len(images)} {what}, model {source}, embedded Kafka + S3 + Ray")
     raise_on_stop_signals()
     try:
-        return _demo(settings, files, timeout_s, local_tier)
+        return _demo(settings, images, expected, timeout_s, local_tier)
     except Stopped as e:
         console.print(f"[yellow]{e} while starting: stopped what had started[/]")
         return 0
 
 
-def _demo(settings: Settings, files: list[Path], timeout_s: float, local_tier: LocalTier | None) -> int:
+def demo_images(source: str) -> tuple[dict[str, bytes], dict[str, str] | None]:
+    """The demo's images by name, and their true captions when they are known (the toy model's
+    generated scenes; a fixed seed, so every run shows the same ones)."""
+    if source == TOY_SHAPES:
+        from workers.model.toy.scenes import labelled_pngs
+
+        scenes = labelled_pngs(DEMO_SCENES, seed=DEMO_SEED)
+        return {name: data for name, data, _ in scenes}, {name: caption for name, _, caption in scenes}
+    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    return {p.name: p.read_bytes() for p in files}, None
+
+
+def _demo(
+    settings: Settings,
+    images: dict[str, bytes],
+    expected: dict[str, str] | None,
+    timeout_s: float,
+    local_tier: LocalTier | None,
+) -> int:
     from workers.contract import encode
     from workers.logs import ray_output_as_logs
     from workers.pipeline import Pipeline
@@ -262,10 +288,10 @@ def _demo(settings: Settings, files: list[Path], timeout_s: float, local_tier: L
         bucket = next(b for b in resolved.s3.allowed_buckets if b != "*")
         s3 = make_s3_client(resolved.s3)
         producer = KafkaProducer(**producer_kwargs(resolved.kafka, resolved.limits))
-        for path in files:
-            s3.put_object(Bucket=bucket, Key=f"samples/{path.name}", Body=path.read_bytes())
-            request = {"id": path.name, "image": f"s3://{bucket}/samples/{path.name}"}
-            producer.send(resolved.kafka.input_topic, key=path.name.encode(), value=encode(request))
+        for name, data in images.items():
+            s3.put_object(Bucket=bucket, Key=f"samples/{name}", Body=data)
+            request = {"id": name, "image": f"s3://{bucket}/samples/{name}"}
+            producer.send(resolved.kafka.input_topic, key=name.encode(), value=encode(request))
         producer.flush()
         producer.close()
 
@@ -273,30 +299,45 @@ def _demo(settings: Settings, files: list[Path], timeout_s: float, local_tier: L
         interrupted = threading.Event()
         on_stop_signals(interrupted.set)
         try:
-            outcomes = outcomes_by_id(resolved.kafka, {p.name for p in files}, timeout_s=timeout_s, stop=interrupted)
+            outcomes = outcomes_by_id(resolved.kafka, set(images), timeout_s=timeout_s, stop=interrupted)
         finally:
             pipeline.stop()
         model_record = pipeline.model_record
     if interrupted.is_set():
         console.print("[yellow]demo stopped by a signal; everything it started is stopped[/]")
         return 0
-    print_outcomes(outcomes, [p.name for p in files])
+    print_outcomes(outcomes, list(images), expected)
     if model_record.get("untrained"):
         console.print(untrained_banner(model_record["name"]))
-    missing = {p.name for p in files} - set(outcomes)
+    if model_record.get("name") == TOY_SHAPES:
+        console.print(toy_banner())
+    missing = set(images) - set(outcomes)
     return 1 if missing else 0
 
 
-def print_outcomes(outcomes: dict[str, dict[str, Any]], order: list[str]) -> None:
+def print_outcomes(
+    outcomes: dict[str, dict[str, Any]], order: list[str], expected: dict[str, str] | None = None
+) -> None:
+    """The demo's table; with `expected` (true captions), a column saying whether each matches."""
     table = Table(title="captions", show_lines=False)
     table.add_column("image_name", no_wrap=True)
     table.add_column("caption", overflow="fold")
+    if expected is not None:
+        table.add_column("true caption?", no_wrap=True)
+    right = 0
     for name in order:
         body = outcomes.get(name)
         if body is None:
-            table.add_row(name, "[red](no outcome before the deadline)[/]")
+            row = [name, "[red](no outcome before the deadline)[/]"]
         elif "error" in body:
-            table.add_row(name, f"[red]{body['error']['code']}: {body['error']['message']}[/]")
+            row = [name, f"[red]{body['error']['code']}: {body['error']['message']}[/]"]
         else:
-            table.add_row(name, body["caption"])
+            row = [name, body["caption"]]
+        if expected is not None:
+            match = body is not None and body.get("caption") == expected[name]
+            right += match
+            row.append("[green]yes[/]" if match else "[red]no[/]")
+        table.add_row(*row)
+    if expected is not None:
+        table.caption = f"{right} of {len(order)} captions are the scene's true caption"
     Console().print(table)

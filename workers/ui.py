@@ -1,10 +1,10 @@
-"""What the commands show a person: the one untrained-model banner."""
+"""What the commands show a person about the model: the untrained-model banner, the toy-model banner."""
 
 from __future__ import annotations
 
 from rich.panel import Panel
 
-from workers.config import DEFAULT_MODEL
+from workers.config import DEFAULT_MODEL, TOY_SHAPES
 
 
 def untrained_banner(name: str) -> Panel:
@@ -16,4 +16,16 @@ def untrained_banner(name: str) -> Panel:
         "cache or a local directory and pass --model.",
         title="[bold red]UNTRAINED MODEL[/]",
         border_style="bold red",
+    )
+
+
+def toy_banner() -> Panel:
+    """Shown after the demo's table when the toy captioner made it: trained, but on shapes only."""
+    return Panel(
+        f"[bold]{TOY_SHAPES}[/] is a TOY captioner (223 k parameters) trained here on generated scenes of\n"
+        "coloured circles, squares and triangles. It captions such scenes and nothing else; each image's\n"
+        f"name holds its true caption. For photos put the pretrained checkpoint ({DEFAULT_MODEL})\n"
+        "in the Hugging Face cache or a local directory and pass --model.",
+        title="[bold yellow]TOY MODEL[/]",
+        border_style="yellow",
     )

@@ -22,13 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from workers.config import TINY_RANDOM, ModelConfig, S3Config
+from workers.config import TINY_RANDOM, TOY_SHAPES, ModelConfig, S3Config
 from workers.contract import describe
 from workers.s3 import is_s3_uri, list_objects, make_s3_client, split_uri
 
-# The toy captioner shipped in the package (workers/model/toy): trained, but only on generated
-# scenes of coloured shapes; its captions mean something only for such images.
-TOY_SHAPES = "toy-shapes"
 UNTRAINED_MARKER = "captioner-untrained.json"
 MODEL_CONFIG = "config.json"
 # Completion marker of an s3 download: a directory without it is a crashed half download.

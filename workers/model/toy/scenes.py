@@ -10,6 +10,7 @@ from a seeded generator: the same seed gives the same images.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,20 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     _stamp(image, scene.other_shape, COLOURS[scene.other_colour], *place(along[1], across_other), radius * 1.1)
     noise = rng.integers(-12, 13, image.shape)
     return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def labelled_pngs(n: int, seed: int) -> list[tuple[str, bytes, str]]:
+    """n scenes as PNG files (name, bytes, true caption); a name is its number and its caption,
+    so a person can check a caption against the file it came from."""
+    from PIL import Image
+
+    images, captions = dataset(n, seed)
+    out = []
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        out.append((f"scene-{i + 1:02d}-{caption.replace(' ', '-')}.png", buffer.getvalue(), caption))
+    return out
 
 
 def dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
