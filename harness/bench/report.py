@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -124,6 +125,7 @@ class BenchReport:
 
 
 def _quantile(ordered: list[float], q: float) -> float:
+    """numpy's (linear) percentile, as the benchmarks print theirs, so the tables agree."""
     if not ordered:
         return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return float(np.percentile(ordered, 100 * q))
