@@ -52,5 +52,6 @@ def test_bench_report_writes_each_plot_and_a_summary_with_its_numbers(tmp_path) 
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000, name
         assert f"({name}.png)" in summary
     assert "| 4×4 | 36.0 | 0.90 |" in summary, "efficiency against linear from 1×1"
-    assert "| static | 3 | 1.200 | 2.500 |" in summary
+    # numpy's linear percentiles, as the benchmarks print them: p99 of (1.0, 1.2, 2.5) is 2.474
+    assert "| static | 3 | 1.200 | 2.474 |" in summary
     assert "CPU: test CPU, AMX: no" in summary and "stand-in model" in summary
