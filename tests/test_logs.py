@@ -85,7 +85,7 @@ def test_demo_prints_its_table_and_no_ray_noise() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     # No pretrained checkpoint here: the toy captioner on generated scenes, each checked.
-    assert "image_name" in out.stdout and "scene-01-" in out.stdout and "TOY MODEL" in out.stderr
+    assert "image_name" in out.stdout and "scene-01.png" in out.stdout and "TOY MODEL" in out.stderr
     right = re.search(r"(\d+) of 8 captions are the scene's true caption", out.stdout)
     assert right and int(right.group(1)) >= 6, out.stdout[-3000:]  # its accuracy is 0.958
     everything = out.stdout + out.stderr
@@ -107,3 +107,15 @@ def test_the_cli_option_and_its_environment_variable_select_json(restore_logging
         assert result.exit_code == 0, result.output
         assert isinstance(logs._handler.formatter, JsonFormatter)
     assert CliRunner().invoke(app, ["--log-format", "yaml", "lag", "--help"]).exit_code == 2
+
+
+def test_demo_table_says_which_captions_are_true(capsys) -> None:
+    from workers.runner import print_outcomes
+
+    outcomes = {"a.png": {"caption": "a red circle above a blue square"}, "b.png": {"caption": "a green square"}}
+    expected = {"a.png": "a red circle above a blue square", "b.png": "two green squares"}
+    print_outcomes(outcomes, ["a.png", "b.png"], expected)
+    out = capsys.readouterr().out
+    assert "no: two green squares" in out and "1 of 2 captions are the scene's true caption" in out
+    print_outcomes(outcomes, ["a.png", "b.png"])  # photos: no truth, no such column
+    assert "true caption?" not in capsys.readouterr().out

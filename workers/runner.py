@@ -231,7 +231,7 @@ def demo(
     """Embedded everything: upload the images, submit one request each, caption, print, exit.
 
     Without the pretrained checkpoint the default is the toy captioner on generated scenes of
-    shapes (named by their true captions), so a first run shows captions a person can check;
+    shapes whose true captions are known, so a first run shows captions a person can check;
     any other model captions the sample photos."""
     source = model or (DEFAULT_MODEL if pretrained_available() else TOY_SHAPES)
     settings = settings.model_copy(
@@ -318,12 +318,13 @@ def _demo(
 def print_outcomes(
     outcomes: dict[str, dict[str, Any]], order: list[str], expected: dict[str, str] | None = None
 ) -> None:
-    """The demo's table; with `expected` (true captions), a column saying whether each matches."""
+    """The demo's table; with `expected` (true captions), a column saying whether each caption is
+    the true one, and what the true one is when it is not."""
     table = Table(title="captions", show_lines=False)
     table.add_column("image_name", no_wrap=True)
     table.add_column("caption", overflow="fold")
     if expected is not None:
-        table.add_column("true caption?", no_wrap=True)
+        table.add_column("true caption?", overflow="fold")
     right = 0
     for name in order:
         body = outcomes.get(name)
@@ -336,7 +337,7 @@ def print_outcomes(
         if expected is not None:
             match = body is not None and body.get("caption") == expected[name]
             right += match
-            row.append("[green]yes[/]" if match else "[red]no[/]")
+            row.append("[green]yes[/]" if match else f"[red]no:[/] {expected[name]}")
         table.add_row(*row)
     if expected is not None:
         table.caption = f"{right} of {len(order)} captions are the scene's true caption"

@@ -22,10 +22,10 @@ def untrained_banner(name: str) -> Panel:
 def toy_banner() -> Panel:
     """Shown after the demo's table when the toy captioner made it: trained, but on shapes only."""
     return Panel(
-        f"[bold]{TOY_SHAPES}[/] is a TOY captioner (223 k parameters) trained here on generated scenes of\n"
-        "coloured circles, squares and triangles. It captions such scenes and nothing else; each image's\n"
-        f"name holds its true caption. For photos put the pretrained checkpoint ({DEFAULT_MODEL})\n"
-        "in the Hugging Face cache or a local directory and pass --model.",
+        f"[bold]{TOY_SHAPES}[/] is a TOY captioner (223 k parameters) trained here on generated scenes of "
+        "coloured circles, squares and triangles. It captions such scenes and nothing else; the table says "
+        "whether each caption is the scene's true one. For photos put the pretrained checkpoint "
+        f"({DEFAULT_MODEL}) in the Hugging Face cache or a local directory and pass --model.",
         title="[bold yellow]TOY MODEL[/]",
         border_style="yellow",
     )

@@ -95,8 +95,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
 
 
 def labelled_pngs(n: int, seed: int) -> list[tuple[str, bytes, str]]:
-    """n scenes as PNG files (name, bytes, true caption); a name is its number and its caption,
-    so a person can check a caption against the file it came from."""
+    """n scenes as PNG files: (name, bytes, true caption), named scene-01.png, scene-02.png, …"""
     from PIL import Image
 
     images, captions = dataset(n, seed)
@@ -104,7 +103,7 @@ def labelled_pngs(n: int, seed: int) -> list[tuple[str, bytes, str]]:
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
-        out.append((f"scene-{i + 1:02d}-{caption.replace(' ', '-')}.png", buffer.getvalue(), caption))
+        out.append((f"scene-{i + 1:02d}.png", buffer.getvalue(), caption))
     return out
 
 
