@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -170,21 +171,23 @@ class FastDecoder(nn.Module):
             hidden = self.enc_to_dec_proj(hidden)
         return hidden
 
-    def fill_cross(self, caches: Caches, slots: torch.Tensor, encoder_hidden: torch.Tensor) -> None:
-        """Cross-attention K/V of each new image, once per layer, into its slot."""
-        for i, layer in enumerate(self.layers):
+    def _cross_per_layer(self, encoder_hidden: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cross-attention K and V of N images, N × H × S × D each."""
+        for layer in self.layers:
             k, v = layer.cross_kv_proj(encoder_hidden).split(self.n_embd, dim=2)
-            caches.cross_k[i, slots] = layer.heads(k)
-            caches.cross_v[i, slots] = layer.heads(v)
+            yield layer.heads(k), layer.heads(v)
+
+    def fill_cross(self, caches: Caches, slots: torch.Tensor, encoder_hidden: torch.Tensor) -> None:
+        """Cross-attention K/V of each new image, once per layer, into its slot (a layer at a time:
+        no stacked copy of all of them)."""
+        for i, (k, v) in enumerate(self._cross_per_layer(encoder_hidden)):
+            caches.cross_k[i, slots] = k
+            caches.cross_v[i, slots] = v
 
     def cross_kv(self, encoder_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K and V of N images, layers × N × H × S × D each (`fill_cross`'s values,
         computed ahead of a slot: the encoder stage's output)."""
-        keys, values = [], []
-        for layer in self.layers:
-            k, v = layer.cross_kv_proj(encoder_hidden).split(self.n_embd, dim=2)
-            keys.append(layer.heads(k))
-            values.append(layer.heads(v))
+        keys, values = zip(*self._cross_per_layer(encoder_hidden), strict=True)
         return torch.stack(keys), torch.stack(values)
 
     # ------------------------------------------------------------------ one step

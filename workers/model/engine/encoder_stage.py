@@ -99,10 +99,6 @@ class EncoderStage:
             self._inbox.append(request)
             self._wake.notify()
 
-    def pending(self) -> int:
-        with self._wake:
-            return len(self._inbox) + int(self.busy)
-
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
