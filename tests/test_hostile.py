@@ -17,10 +17,10 @@ from helpers.kafka_helpers import committed_offsets
 from helpers.worker_fixtures import (
     BUCKET,
     collect_outcomes,
-    deploy_tiny_replicas,
     outcomes_by_offset,
     png_bytes,
     request,
+    tiny_replicas,
     upload,
     worker_settings,
 )
@@ -35,11 +35,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def replicas(ray_serve: None) -> Any:
-    handle = deploy_tiny_replicas("hostile-tests")
-    yield handle
-    from ray import serve
-
-    serve.delete("hostile-tests")
+    with tiny_replicas("hostile-tests") as handle:
+        yield handle
 
 
 def produce_raw(kafka: KafkaConfig, records: list[dict[str, Any]]) -> list[tuple[int, int]]:

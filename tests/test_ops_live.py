@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 from helpers.kafka_helpers import produce
 from helpers.worker_fixtures import (
     collect_outcomes,
-    deploy_tiny_replicas,
     png_bytes,
     request,
+    tiny_replicas,
     upload,
     worker_settings,
 )
@@ -56,11 +56,8 @@ LATE_BUCKET = "late"  # not allow-listed at first: its requests are dead-lettere
 
 @pytest.fixture(scope="module")
 def replicas(ray_serve: None) -> Any:
-    handle = deploy_tiny_replicas("ops-live-tests")
-    yield handle
-    from ray import serve
-
-    serve.delete("ops-live-tests")
+    with tiny_replicas("ops-live-tests") as handle:
+        yield handle
 
 
 class Prometheus:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from helpers.worker_fixtures import deploy_tiny_replicas
+from helpers.worker_fixtures import tiny_replicas
 from workers.config import ReplicasConfig
 from workers.embedded import wait_until
 from workers.replica_api import ReplicaInfo
@@ -30,16 +30,9 @@ def replica_infos(handle: Any, count: int) -> dict[str, ReplicaInfo]:
 
 @pytest.mark.parametrize("replicas, gpus_each, per_gpu", [(2, 1.0, 1), (4, 0.5, 2)])
 def test_replicas_are_pinned_to_the_gpus_ray_assigns(ray_serve, replicas, gpus_each, per_gpu):
-    from ray import serve
-
-    name = f"pinning-{replicas}"
-    handle = deploy_tiny_replicas(
-        name, ReplicasConfig(num_replicas=replicas, num_gpus=gpus_each, num_cpus=0, max_batch_size=2)
-    )
-    try:
+    config = ReplicasConfig(num_replicas=replicas, num_gpus=gpus_each, num_cpus=0, max_batch_size=2)
+    with tiny_replicas(f"pinning-{replicas}", config) as handle:
         infos = replica_infos(handle, replicas)
-    finally:
-        serve.delete(name)
     devices = Counter(info.cuda_visible_devices for info in infos.values())
     assert devices == {"0": per_gpu, "1": per_gpu}, devices
     for info in infos.values():

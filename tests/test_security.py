@@ -35,9 +35,9 @@ from helpers.worker_fixtures import (
     MODEL_CACHE,
     REPO,
     collect_outcomes,
-    deploy_tiny_replicas,
     png_bytes,
     request,
+    tiny_replicas,
     worker_settings,
 )
 from workers.config import ConfigError, KafkaConfig, LimitsConfig, load_settings
@@ -90,11 +90,8 @@ def tls_broker(pki: dict[str, Any]) -> Iterator[tuple[Broker, TlsTerminator]]:
 
 @pytest.fixture(scope="module")
 def replicas(ray_serve: None) -> Iterator[Any]:
-    handle = deploy_tiny_replicas("security-tests")
-    yield handle
-    from ray import serve
-
-    serve.delete("security-tests")
+    with tiny_replicas("security-tests") as handle:
+        yield handle
 
 
 def tls_kafka(tls: TlsTerminator, pki: dict[str, Any], **overrides: Any) -> KafkaConfig:

@@ -12,11 +12,11 @@ from helpers.kafka_helpers import committed_offsets, consume_until, produce
 from helpers.worker_fixtures import (
     BUCKET,
     collect_outcomes,
-    deploy_tiny_replicas,
     flat_png,
     outcomes_by_offset,
     png_bytes,
     request,
+    tiny_replicas,
     upload,
     worker_settings,
 )
@@ -31,11 +31,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def replicas(ray_serve: None) -> Any:
-    handle = deploy_tiny_replicas("worker-tests")
-    yield handle
-    from ray import serve
-
-    serve.delete("worker-tests")
+    with tiny_replicas("worker-tests") as handle:
+        yield handle
 
 
 def make_topics(kafka: KafkaConfig, partitions: int = 2) -> None:

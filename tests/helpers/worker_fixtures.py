@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -62,13 +63,18 @@ def ray_serve(s3_server: Any) -> Iterator[str]:
     ray.shutdown()
 
 
-def deploy_tiny_replicas(name: str, replicas: ReplicasConfig | None = None) -> Any:
+@contextlib.contextmanager
+def tiny_replicas(name: str, replicas: ReplicasConfig | None = None) -> Iterator[Any]:
+    """The tiny model's replicas as Serve app `name`, deleted on exit; yields the handle."""
     from ray import serve
 
     from workers.replicas import replica_app
 
     replicas = replicas or ReplicasConfig(num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.05)
-    return serve.run(replica_app(tiny_model_config(), None, replicas), name=name, route_prefix=None)
+    try:
+        yield serve.run(replica_app(tiny_model_config(), None, replicas), name=name, route_prefix=None)
+    finally:
+        serve.delete(name)
 
 
 def worker_settings(bootstrap: str, s3_server: Any, **sections: Any) -> Settings:
