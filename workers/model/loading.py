@@ -263,7 +263,6 @@ def build_random_model(
     preprocessor config. "full" is the reference architecture for benchmarks; "tiny" is for tests.
     """
     import torch
-    from transformers import ViTImageProcessor
 
     from workers.model.architectures import random_model
 
@@ -278,16 +277,7 @@ def build_random_model(
     model.save_pretrained(path)
 
     _word_tokenizer(words).save_pretrained(path)
-    ViTImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=2,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(path)
+    save_image_processor(path, image_size)
     (path / UNTRAINED_MARKER).write_text(
         json.dumps(
             {
@@ -301,6 +291,23 @@ def build_random_model(
         )
     )
     return path
+
+
+def save_image_processor(path: Path, image_size: int) -> None:
+    """The reference checkpoint's preprocessing (resize, rescale to [0, 1], normalise to [-1, 1])
+    at `image_size`, saved beside a model built here."""
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=2,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(path)
 
 
 def _word_tokenizer(words: list[str]) -> Any:

@@ -62,9 +62,7 @@ def caption_accuracy(model, tokenizer, images: np.ndarray, captions: list[str], 
 
 
 def train(out: Path, seed: int = 0, steps: int = 2000, batch: int = 64, lr: float = 3e-3) -> dict:
-    from transformers import ViTImageProcessor
-
-    from workers.model.loading import _word_tokenizer
+    from workers.model.loading import _word_tokenizer, save_image_processor
 
     torch.manual_seed(seed)
     words = list(WORDS)
@@ -102,16 +100,7 @@ def train(out: Path, seed: int = 0, steps: int = 2000, batch: int = 64, lr: floa
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    ViTImageProcessor(
-        do_resize=True,
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        resample=2,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    ).save_pretrained(out)
+    save_image_processor(out, IMAGE_SIZE)
     record = {
         "toy": True,
         "what": "a toy captioner trained on generated scenes of coloured circles, squares and triangles; "
