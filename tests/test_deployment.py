@@ -6,6 +6,7 @@ few hundred malformed requests."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 from pathlib import Path
@@ -388,14 +389,36 @@ def test_guarded_refuses_s3_references_and_missing_tokens(guarded, deployed):
     assert requests.post(f"{deployed.url}/v1/captions", data=png_bytes(505), timeout=30).status_code == 401
 
 
-def test_requests_over_the_concurrency_limit_get_429_at_once(guarded):
-    held = [_slow_upload(guarded, 1000) for _ in range(2)]  # max_concurrent_requests = 2
+def _refused_for(url: str, size: int, limit: str, held: list[socket.socket]) -> None:
+    """Wait until a probe of `size` bytes gets 429 naming `limit`; a timeout says what the probes
+    got and whether a held upload was answered early (it would no longer hold its slot)."""
+    seen: list[str] = []
+
+    def refused() -> bool:
+        answer = _probe(url, size)
+        reason = answer.text
+        seen.append(f"{answer.status_code} {reason}"[:160])
+        return answer.status_code == 429 and limit in reason
+
     try:
-        wait_until(lambda: _probe(guarded).status_code == 429, timeout_s=30, what="429 while two are held")
+        wait_until(refused, timeout_s=60, what=f"429 for {limit}")
+    except TimeoutError as e:
+        answered = [i for i, conn in enumerate(held) if select.select([conn], [], [], 0)[0]]
+        raise AssertionError(f"{e}; last probes: {seen[-3:]}; held uploads answered early: {answered}") from e
+
+
+def test_requests_over_the_concurrency_limit_get_429_at_once(guarded):
+    # The first upload declares most of the body budget, so that a probe can see it admitted (the
+    # budget refuses a second large body) before the second is sent: each hold is known to be in.
+    held = [_slow_upload(guarded, 100_000)]
+    try:
+        _refused_for(guarded, 60_000, "max_body_bytes_in_flight", held)
+        held.append(_slow_upload(guarded, 1000))  # max_concurrent_requests = 2
+        _refused_for(guarded, 1000, "max_concurrent_requests", held)
         refused = _probe(guarded)
         assert refused.json()["error"]["code"] == "overloaded" and refused.headers["retry-after"] == "1"
     finally:
-        statuses = [_finish(conn, 1000) for conn in held]
+        statuses = [_finish(conn, declared) for conn, declared in zip(held, (100_000, 1000), strict=False)]
     assert statuses == [422, 422]  # the held uploads themselves were answered (zeros: invalid_image)
     assert _probe(guarded).status_code == 422  # slots given back
 
@@ -403,7 +426,7 @@ def test_requests_over_the_concurrency_limit_get_429_at_once(guarded):
 def test_bodies_over_the_in_flight_byte_budget_get_429(guarded):
     held = _slow_upload(guarded, 100_000)
     try:
-        wait_until(lambda: _probe(guarded, 100_000).status_code == 429, timeout_s=30, what="429 over the body budget")
+        _refused_for(guarded, 100_000, "max_body_bytes_in_flight", [held])
         assert _probe(guarded, 10_000).status_code == 422  # a small one still fits beside it
     finally:
         assert _finish(held, 100_000) == 422
