@@ -290,3 +290,24 @@ def test_encoder_overlap_is_on_below_fp32_on_a_multicore_cpu_only(hf_model) -> N
     assert CaptionEngine(hf_model, precision="int8").overlap_encoder is multicore
     assert CaptionEngine(hf_model, precision="float32").overlap_encoder is False
     assert CaptionEngine(hf_model, precision="float32").encoder_stage is None
+
+
+def test_decode_attention_matches_sdpa_and_keeps_it_in_fp32() -> None:
+    """Below fp32 on CPU the step's attention is matmul-softmax: SDPA's values within bf16's
+    rounding, masked positions ignored; fp32 is SDPA itself, bit for bit (the reference)."""
+    from torch.nn import functional as F
+
+    from workers.model.engine.decoder import attend
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 4, n, 16, generator=gen) for n in (2, 9, 9))
+    mask = (torch.arange(9)[None, :] <= torch.tensor([0, 3, 8, 2, 5, 7])[:, None])[:, None, None, :]
+    for m in (None, mask):
+        reference = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert torch.equal(attend(q, k, v, m), reference)
+        low = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
+        assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), reference, atol=0.05)
+    # A row that sees only position 0 gets position 0's value, whatever the masked ones hold.
+    assert torch.allclose(
+        attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)[0].float(), v[0, :, :1].expand(4, 2, 16), atol=0.02
+    )

@@ -233,7 +233,9 @@ def check_input_topic(cfg: KafkaConfig, min_partitions: int, *, timeout_s: float
     """
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(**client_kwargs(cfg), request_timeout_ms=int(timeout_s * 1000) + 1000)
+    consumer = KafkaConsumer(
+        **client_kwargs(cfg), enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000) + 1000
+    )
     try:
         deadline = time.monotonic() + timeout_s
         partitions = consumer.partitions_for_topic(cfg.input_topic)

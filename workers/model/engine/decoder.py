@@ -7,8 +7,9 @@ are stacked as k query positions against them, so no per-beam copies exist.
 
 The arithmetic mirrors transformers' GPT-2 (Conv1D as `addmm(bias, x, W)`, SDPA attention with
 its default 1/√d scale, the config's activation, residual order) so fp32 decoding picks the same
-tokens as `generate`. Precision other than fp32 is a cast of the same modules; int8 swaps every
-projection (GPT-2's Conv1D included) for dynamically quantised `nn.Linear`.
+tokens as `generate`. Precision other than fp32 is a cast of the same modules, with attention as
+a plain matmul-softmax on CPU (`attend`); int8 swaps every projection (GPT-2's Conv1D included)
+for dynamically quantised `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from transformers.activations import ACT2FN
 
 # Configs whose attention this module does not restate; such models go to `generate`.
 UNSUPPORTED_DECODER_FLAGS = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a decode step's few query rows: SDPA, except below fp32 on a CPU, where
+    matmul and a float32 softmax do it in a third to a half of the time (SDPA's CPU kernel is
+    built for long queries: bf16, 32 rows against 197 encoder positions, 1.67 ms against 0.54).
+    fp32 keeps SDPA, whose sums are the ones `generate` makes."""
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class Projection(nn.Module):
@@ -216,14 +230,14 @@ class FastDecoder(nn.Module):
             q = q.view(rows, self.n_head, 1, self.head_dim)
             keys = caches.self_k[i, :rows, :, :kv_length]
             values = caches.self_v[i, :rows, :, :kv_length]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            attn = attend(q, keys, values, mask)
             hidden = layer.attn_out(attn.reshape(rows, self.n_embd)) + residual
 
             residual = hidden
             q = layer.cross_q(layer.ln_cross(hidden))
             # The k beams of an image are k query positions against its one set of K/V.
             q = q.view(slots, beams, self.n_head, self.head_dim).transpose(1, 2)
-            cross = F.scaled_dot_product_attention(q, caches.cross_k[i, :slots], caches.cross_v[i, :slots])
+            cross = attend(q, caches.cross_k[i, :slots], caches.cross_v[i, :slots])
             cross = cross.transpose(1, 2).reshape(rows, self.n_embd)
             hidden = residual + layer.cross_out(cross)
 
