@@ -115,6 +115,36 @@ def test_a_throttling_burst_answers_every_call_503_for_its_duration() -> None:
         assert outcomes[:3] == [THROTTLED] * 3 and THROTTLED not in outcomes[3:] and FORWARDED not in outcomes
 
 
+def test_a_replica_hang_lasts_until_a_call_has_timed_out(monkeypatch) -> None:
+    """Stopped for at least hang_s, then until `felt()` (a call timed out), not longer."""
+    import subprocess
+    import threading
+    import time
+
+    from harness.chaos import faults
+    from workers.embedded.process import wait_until
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        monkeypatch.setattr(faults, "replica_pids", lambda app_name: [child.pid])
+        felt = threading.Event()
+        hangs = faults.ReplicaHangs(hang_s=0.2, max_extra_s=60)
+        started = time.monotonic()
+        assert hangs.hang("app", felt.is_set) == [child.pid]
+        wait_until(lambda: state(child.pid) == "T", timeout_s=5, what="stopped")
+        wait_until(lambda: time.monotonic() - started > 1.0, timeout_s=5, what="well past hang_s")
+        assert state(child.pid) == "T"  # hang_s is over, but no call has timed out yet
+        felt.set()
+        wait_until(lambda: state(child.pid) != "T", timeout_s=5, what="continued once a call timed out")
+        hangs.resume_all()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_worker_counters_are_read_from_a_registry_dump(tmp_path: Path) -> None:
     """The report's retry figure comes from the worker's Prometheus registry, not from log text."""
     from prometheus_client import CollectorRegistry, Counter

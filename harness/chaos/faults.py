@@ -1,13 +1,13 @@
 """The faults a chaos run injects into the running system, and when.
 
 Replica kills (`ray.kill` of a Serve replica actor mid-batch), hung replicas (SIGSTOP of the
-app's replica processes past `replicas.call_timeout_s`, then SIGCONT: Serve still counts them
-live, so the calls they hold hang until the worker's call deadline cancels and retries them; all
-of them, because with one stopped Serve's router sent the calls to the other: a 200-request run
-saw no call time out), broker
-restarts (kill -9 and a start on the same port; durable storage keeps everything); consumer kills
-and SIGTERM drains live with the consumer processes (`consumers.ConsumerWorker`). S3 faults,
-throttling bursts among them, come from the proxy (`proxy.ChaosProxy`).
+app's replica processes past `replicas.call_timeout_s` and until a call has timed out, then
+SIGCONT: Serve still counts them live, so the calls they hold hang until the worker's call
+deadline cancels and retries them; all of them, because with one stopped Serve's router sent the
+calls to the other: a 200-request run saw no call time out), broker restarts (kill -9 and a start
+on the same port; durable storage keeps everything); consumer kills and SIGTERM drains live with
+the consumer processes (`consumers.ConsumerWorker`). S3 faults, throttling bursts among them,
+come from the proxy (`proxy.ChaosProxy`).
 The run's Ray and replica app are set up here too: the app name is unique to the run, and only
 that app is deleted at the end.
 """
@@ -19,7 +19,8 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,28 +125,41 @@ def replica_pids(app_name: str) -> list[int]:
 
 
 class ReplicaHangs:
-    """Stops an app's replica processes (SIGSTOP) and continues them after `hang_s` on a timer;
+    """Stops an app's replica processes (SIGSTOP) and continues them after `hang_s`, or later,
+    until `felt()` says a call has timed out, for at most `max_extra_s` more: a hang that starts
+    while the consumers send nothing (a broker restart due at the same progress stops the
+    stream) would otherwise end before any call reaches its deadline, proving nothing. Continuing at the first timeout keeps
+    every call to one: the earliest call is the first to time out, and its retry is answered.
     `resume_all` continues any still stopped (the run's cleanup: nothing is left frozen)."""
 
-    def __init__(self, hang_s: float):
+    def __init__(self, hang_s: float, max_extra_s: float = 30.0):
         self.hang_s = hang_s
+        self.max_extra_s = max_extra_s
         self._stopped: set[int] = set()
         self._lock = threading.Lock()
-        self._timers: list[threading.Timer] = []
+        self._cancelled = threading.Event()
+        self._threads: list[threading.Thread] = []
 
-    def hang(self, app_name: str) -> list[int]:
-        """Stop every replica process of the app now; continue them `hang_s` later."""
+    def hang(self, app_name: str, felt: Callable[[], bool] = lambda: True) -> list[int]:
+        """Stop every replica process of the app now; continue them once `hang_s` has passed
+        and `felt()` is true (or `max_extra_s` after that)."""
         pids = replica_pids(app_name)
         with self._lock:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
                     self._stopped.add(pid)
-        timer = threading.Timer(self.hang_s, self._resume, args=(pids,))
-        timer.daemon = True
-        timer.start()
-        self._timers.append(timer)
+        thread = threading.Thread(target=self._resume_when, args=(pids, felt), name="replica-hang", daemon=True)
+        thread.start()
+        self._threads.append(thread)
         return pids
+
+    def _resume_when(self, pids: list[int], felt: Callable[[], bool]) -> None:
+        if not self._cancelled.wait(self.hang_s):
+            give_up = time.monotonic() + self.max_extra_s
+            while not felt() and time.monotonic() < give_up and not self._cancelled.wait(0.1):
+                pass
+        self._resume(pids)
 
     def _resume(self, pids: list[int]) -> None:
         with self._lock:
@@ -156,8 +170,9 @@ class ReplicaHangs:
                         os.kill(pid, signal.SIGCONT)
 
     def resume_all(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
+        self._cancelled.set()
+        for thread in self._threads:
+            thread.join(5)
         self._resume(list(self._stopped))
 
 

@@ -27,6 +27,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +200,9 @@ def _inject_faults(state: RunState) -> None:
                 restart_broker(state.broker)
             elif fault.kind == "replica_hang":
                 _wait_for_whole_replica_set(state)
-                state.hung_replicas.extend(pids := state.hangs.hang(state.app_name))
-                log.info("chaos: replica processes %s stopped for %.0f s", pids, opts.hang_s)
+                felt = partial(_timed_out_since, state, _call_timeouts(state))
+                state.hung_replicas.extend(pids := state.hangs.hang(state.app_name, felt))
+                log.info("chaos: replica processes %s stopped for %.0f s or until a call times out", pids, opts.hang_s)
             elif fault.kind == "throttle_burst":
                 proxy.throttle_for(opts.throttle_burst_s)
             elif fault.kind == "drain_rebalance":
@@ -221,6 +223,15 @@ def _inject_faults(state: RunState) -> None:
     finally:
         state.feeder.stop()
         state.feeder.join(30)
+
+
+def _timed_out_since(state: RunState, before: float) -> bool:
+    return _call_timeouts(state) > before
+
+
+def _call_timeouts(state: RunState) -> float:
+    """Replica calls timed out so far, over every worker's latest metrics dump (killed ones too)."""
+    return sum(w.metrics().get("captioner_replica_call_timeouts_total", 0.0) for w in list(state.workers))
 
 
 def _wait_for_whole_replica_set(state: RunState) -> None:
