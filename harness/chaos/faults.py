@@ -128,8 +128,9 @@ class ReplicaHangs:
     """Stops an app's replica processes (SIGSTOP) and continues them after `hang_s`, or later,
     until `felt()` says a call has timed out, for at most `max_extra_s` more: a hang that starts
     while the consumers send nothing (a broker restart due at the same progress stops the
-    stream) would otherwise end before any call reaches its deadline, proving nothing. Continuing at the first timeout keeps
-    every call to one: the earliest call is the first to time out, and its retry is answered.
+    stream) would otherwise end before any call reaches its deadline, proving nothing. Continuing
+    at the first timeout keeps every call to one: the earliest call is the first to time out, and
+    its retry is answered.
     `resume_all` continues any still stopped (the run's cleanup: nothing is left frozen)."""
 
     def __init__(self, hang_s: float, max_extra_s: float = 30.0):
