@@ -211,13 +211,17 @@ def test_other_precisions_decode(precision, hf_model, pixels) -> None:
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
+    from workers.cpu import CpuFeatures
     from workers.model.engine import precision as precision_module
 
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
+    def cpu_with(*flags: str) -> None:
+        monkeypatch.setattr(precision_module, "cpu_features", lambda: CpuFeatures("test CPU", 2, frozenset(flags)))
+
+    cpu_with("avx512f", "avx2")
     assert resolve("auto", torch.device("cpu")).name == "float32"
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    cpu_with("avx512f", "avx512_bf16")
     assert resolve("auto", torch.device("cpu")).name == "bfloat16"
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    cpu_with("amx_bf16", "amx_tile")
     assert resolve("auto", torch.device("cpu")).name == "bfloat16"
     assert resolve("auto", torch.device("cuda")).name == "bfloat16"
     with pytest.raises(ValueError, match="CPU only"):

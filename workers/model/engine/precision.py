@@ -16,14 +16,10 @@ from typing import Literal
 
 import torch
 
-from workers.cpu import BF16_FLAGS, cpu_features
+from workers.cpu import cpu_features
 
 Precision = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
-
-
-def cpu_flags() -> frozenset[str]:
-    return cpu_features().flags
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,7 @@ class Resolved:
 
 def resolve(precision: str, device: torch.device) -> Resolved:
     if precision == "auto":
-        fast_bf16 = device.type == "cuda" or bool(BF16_FLAGS & cpu_flags())
+        fast_bf16 = device.type == "cuda" or cpu_features().bf16_in_hardware
         precision = "bfloat16" if fast_bf16 else "float32"
     if precision not in _DTYPES:
         raise ValueError(f"unknown precision {precision!r}: auto, float32, bfloat16, float16 or int8")
