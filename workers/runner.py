@@ -27,7 +27,7 @@ from workers.signals import (
     on_stop_signals,
     raise_on_stop_signals,
 )
-from workers.ui import toy_banner, untrained_banner
+from workers.ui import model_banner
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -189,10 +189,8 @@ def run(settings: Settings, local_tier: LocalTier | None = None) -> int:
                 f"[bold green]captioner running[/]: {resolved.kafka.input_topic} → {resolved.kafka.output_topic} "
                 f"(model {pipeline.model_record['name']}, backend {pipeline.model_record['backend']})"
             )
-            if pipeline.model_record.get("untrained"):
-                console.print(untrained_banner(pipeline.model_record["name"]))
-            if pipeline.model_record.get("name") == TOY_SHAPES:
-                console.print(toy_banner())
+            if banner := model_banner(pipeline.model_record):
+                console.print(banner)
             pipeline.wait()
             stop()
             return pipeline.exit_code if pipeline.failed.is_set() else 0
@@ -307,10 +305,8 @@ def _demo(
         console.print("[yellow]demo stopped by a signal; everything it started is stopped[/]")
         return 0
     print_outcomes(outcomes, list(images), expected)
-    if model_record.get("untrained"):
-        console.print(untrained_banner(model_record["name"]))
-    if model_record.get("name") == TOY_SHAPES:
-        console.print(toy_banner())
+    if banner := model_banner(model_record):
+        console.print(banner)
     missing = set(images) - set(outcomes)
     return 1 if missing else 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.panel import Panel
 
 from workers.config import DEFAULT_MODEL, TOY_SHAPES
@@ -29,3 +31,12 @@ def toy_banner() -> Panel:
         title="[bold yellow]TOY MODEL[/]",
         border_style="yellow",
     )
+
+
+def model_banner(model_record: dict[str, Any]) -> Panel | None:
+    """The banner a served model's record calls for (`Pipeline.model_record`): untrained, toy, or none."""
+    if model_record.get("untrained"):
+        return untrained_banner(model_record["name"])
+    if model_record.get("name") == TOY_SHAPES:
+        return toy_banner()
+    return None
