@@ -70,15 +70,15 @@ class CpuUse:
 
     @classmethod
     def between(cls, before: CpuSnapshot, after: CpuSnapshot, root: int | None = None) -> CpuUse:
-        capacity_s = max(after.total_jiffies - before.total_jiffies, 1) * _TICK_S
+        span = max(after.total_jiffies - before.total_jiffies, 1)  # jiffies of all cores
         seconds = {
             pid: p.cpu_s - (before.processes[pid].cpu_s if pid in before.processes else 0.0)
             for pid, p in after.processes.items()
         }
         tree = after.descendants(os.getpid() if root is None else root)
         return cls(
-            machine=(after.busy_jiffies - before.busy_jiffies) / max(after.total_jiffies - before.total_jiffies, 1),
-            own=sum(seconds[pid] for pid in tree if pid in seconds) / capacity_s,
+            machine=(after.busy_jiffies - before.busy_jiffies) / span,
+            own=sum(seconds[pid] for pid in tree if pid in seconds) / (span * _TICK_S),
             seconds=seconds,
             names={pid: p.name for pid, p in after.processes.items()},
         )
