@@ -202,7 +202,7 @@ def _inject_faults(state: RunState) -> None:
                 _wait_for_whole_replica_set(state)
                 felt = partial(_timed_out_since, state, _call_timeouts(state))
                 state.hung_replicas.extend(pids := state.hangs.hang(state.app_name, felt))
-                log.info("chaos: replica processes %s stopped for %.0f s or until a call times out", pids, opts.hang_s)
+                log.info("chaos: replicas %s stopped for %.0f s at least, until a call times out", pids, opts.hang_s)
             elif fault.kind == "throttle_burst":
                 proxy.throttle_for(opts.throttle_burst_s)
             elif fault.kind == "drain_rebalance":
